@@ -45,7 +45,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common.envs import env_family, is_image_space, make_env  # noqa: E402
 from common.replay import Replay  # noqa: E402
 from common.run import (  # noqa: E402
-    Progress, check_finite, choose_device, load_checkpoint, make_writer, open_run, parse_args, save_checkpoint,
+    Progress, add_video, check_finite, choose_device, load_checkpoint, make_writer, open_run, parse_args, save_checkpoint,
     seed_everything,
 )
 
@@ -533,6 +533,22 @@ def imagine(wm: WorldModel, actor: Actor, start: dict, horizon: int):
     return torch.stack(feats), torch.stack(actions)
 
 
+def imagined_targets(wm: WorldModel, target_critic, feats, terminated, args: Args):
+    """Rewards r̂_t, discounts γ̂_t, slow-critic values v_t, λ-returns V^λ_t and weights w_t of an imagined
+    trajectory feats (H+1, N, F). The first state is real, so its continuation γ̂_0 = γ (1 − terminated)
+    comes from the data rather than the discount head (as in the official code)."""
+    reward = wm.reward(feats).squeeze(-1).float()  # in the transformed (e.g. tanh) reward scale
+    if args.pred_discount:
+        discount = torch.sigmoid(wm.discount(feats).squeeze(-1).float())  # the head predicts γ·continue
+        discount = torch.cat([args.gamma * (1.0 - terminated.flatten().float())[None], discount[1:]], 0)
+    else:
+        discount = torch.full_like(reward, args.gamma)
+    value = target_critic(feats).squeeze(-1).float()
+    returns = lambda_return(reward, value, discount, args.lambda_)  # (H, N)
+    weight = trajectory_weight(discount)[:-1]
+    return reward, discount, value, returns, weight
+
+
 def behaviour_loss(wm, actor, critic, target_critic, post, terminated, args: Args, discrete: bool):
     """Actor and critic losses from H-step imagination starting at every posterior of the batch."""
     start = {k: v.detach().flatten(0, 1) for k, v in post.items()}
@@ -540,16 +556,7 @@ def behaviour_loss(wm, actor, critic, target_critic, post, terminated, args: Arg
     with frozen(wm, target_critic), torch.set_grad_enabled(not reinforce):
         # REINFORCE needs no gradient through the rollout: imagine without autograd.
         feats, actions = imagine(wm, actor, start, args.horizon)
-        reward = wm.reward(feats).squeeze(-1).float()  # in the transformed (e.g. tanh) reward scale
-        if args.pred_discount:
-            discount = torch.sigmoid(wm.discount(feats).squeeze(-1).float())
-            # The first state is real: its continuation is known from the data, not predicted.
-            discount = torch.cat([args.gamma * (1.0 - terminated.flatten().float())[None], discount[1:]], 0)
-        else:
-            discount = torch.full_like(reward, args.gamma)
-        value = target_critic(feats).squeeze(-1).float()
-        returns = lambda_return(reward, value, discount, args.lambda_)  # (H, N)
-        weight = trajectory_weight(discount)[:-1]
+        reward, _, value, returns, weight = imagined_targets(wm, target_critic, feats, terminated, args)
     policy = actor(feats[:-1].detach())
     entropy = policy.entropy()
     if reinforce:
@@ -622,7 +629,7 @@ def evaluate(agent: Agent, args: Args, episodes: int, discrete: bool) -> list[fl
 @torch.no_grad()
 def openloop_video(wm: WorldModel, batch: dict, context: int = 5):
     """Observe `context` real frames, then imagine the rest with the real actions; returns a uint8 video
-    (1, T, C, 3H, N·W): truth on top, the model in the middle, the error below, N sequences side by side."""
+    (T, C, 3H, N·W): truth on top, the model in the middle, the error below, N sequences side by side."""
     n = min(6, batch["obs"].shape[0])
     obs, action, is_first = batch["obs"][:n], batch["action"][:n], batch["is_first"][:n]
     post, _ = wm.rssm.observe(wm.embed(obs[:, :context]), action[:, :context], is_first[:, :context])
@@ -639,7 +646,7 @@ def openloop_video(wm: WorldModel, batch: dict, context: int = 5):
     video = torch.cat(list(video), -1)  # (T, C, 3H, n·W)
     if video.shape[1] != 3:
         video = video.max(1, keepdim=True).values.expand(-1, 3, -1, -1)  # grayscale or MinAtar's object channels
-    return (video * 255).to(torch.uint8)[None].cpu()
+    return (video * 255).to(torch.uint8).cpu()
 
 
 # Training loop (Algorithm 1 of the paper)
@@ -726,7 +733,7 @@ def main(args: Args):
             metrics_log.setdefault(k, []).append(float(torch.as_tensor(v).detach()))
         metrics_log.setdefault("train_step_ms", []).append(1000 * (time.perf_counter() - t0))
         if args.video_every and updates % args.video_every == 0 and wm.image:
-            writer.add_video("media/openloop", openloop_video(wm, batch), global_step, fps=10)
+            add_video(writer, "media/openloop", openloop_video(wm, batch), global_step)
         if args.save_model and updates % args.checkpoint_every == 0:
             save()
 

@@ -155,3 +155,25 @@ def check_finite(losses: dict, step: int, save) -> None:
         if not torch.isfinite(torch.as_tensor(value)).all():
             path = save()
             raise NonFiniteLoss(f"Non-finite loss '{name}' ({float(value)}) at update {step}; checkpoint saved to {path}.")
+
+
+def add_video(writer: SummaryWriter, tag: str, video, step: int, fps: int = 10) -> None:
+    """Log a uint8 video (T, C, H, W) as an animated GIF in TensorBoard's Images tab.
+
+    torch's own add_video needs moviepy 1.x (moviepy.editor), which gymnasium's RecordVideo no longer
+    uses; this writes the same GIF summary with Pillow.
+    """
+    import io
+
+    from PIL import Image
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    frames = np.asarray(video).transpose(0, 2, 3, 1)  # (T, H, W, C)
+    if frames.shape[-1] == 1:
+        frames = frames.repeat(3, -1)
+    images = [Image.fromarray(f) for f in frames]
+    buf = io.BytesIO()
+    images[0].save(buf, format="GIF", save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
+    t, h, w, c = frames.shape
+    image = Summary.Image(height=h, width=w, colorspace=c, encoded_image_string=buf.getvalue())
+    writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
