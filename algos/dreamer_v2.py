@@ -319,28 +319,33 @@ class WorldModel(nn.Module):
 
     def __init__(self, obs_space: gym.Space, action_dim: int, args: Args):
         super().__init__()
-        self.image = is_image_space(obs_space)
-        if self.image:
-            channels = obs_space.shape[0]
-            self.encoder = ConvEncoder(channels, args.cnn_depth)
+        self.obs_shape = obs_space.shape
+        self.image = is_image_space(obs_space)  # uint8 frames, scaled to [-0.5, 0.5]
+        self.conv = self.image and obs_space.shape[1:] == (64, 64)  # the paper's conv stack needs 64x64
+        size = int(np.prod(obs_space.shape))  # vectors, or frames too small for it (MinAtar's 10x10) flattened
+        if self.conv:
+            self.encoder = ConvEncoder(obs_space.shape[0], args.cnn_depth)
             embed = self.encoder.out_dim
         else:
             # mlp_layers ELU layers of mlp_units; the last hidden layer is the embedding
-            self.encoder = nn.Sequential(mlp(obs_space.shape[0], args.mlp_units, args.mlp_layers - 1, args.mlp_units), nn.ELU())
+            self.encoder = nn.Sequential(mlp(size, args.mlp_units, args.mlp_layers - 1, args.mlp_units), nn.ELU())
             embed = args.mlp_units
         self.rssm = RSSM(action_dim, embed, args.deter, args.stoch, args.classes, args.hidden)
         feat = args.deter + args.stoch * args.classes
         self.feat_dim = feat
-        if self.image:
-            self.decoder = ConvDecoder(feat, channels, args.cnn_depth)
+        if self.conv:
+            self.decoder = ConvDecoder(feat, obs_space.shape[0], args.cnn_depth)
         else:
-            self.decoder = mlp(feat, obs_space.shape[0], args.mlp_layers, args.mlp_units)
+            self.decoder = mlp(feat, size, args.mlp_layers, args.mlp_units)
         self.reward = mlp(feat, 1, args.mlp_layers, args.mlp_units)
         self.discount = mlp(feat, 1, args.mlp_layers, args.mlp_units)
 
     def preprocess(self, obs):
-        """uint8 images -> [-0.5, 0.5]; vectors unchanged."""
-        return obs.float() / 255.0 - 0.5 if self.image else obs.float()
+        """uint8 frames -> [-0.5, 0.5] (flattened unless 64x64); vectors unchanged."""
+        if not self.image:
+            return obs.float()
+        x = obs.float() / 255.0 - 0.5
+        return x if self.conv else x.flatten(-3)
 
     def embed(self, obs):  # (B, T, ...) -> (B, T, E)
         B, T = obs.shape[:2]
@@ -582,6 +587,27 @@ def optimizer_step(opt, loss, module, clip: float, weight_decay: float):
     return norm
 
 
+def train_update(wm, actor, critic, target_critic, opts, batch, args: Args, discrete: bool, updates: int, save):
+    """One update (Algorithm 1's inner loop): the world model on a replayed batch, then the actor and the
+    critic in imagination from its posteriors; the slow critic copies the critic every
+    `target_update_every` updates. `save` is called before stopping on a non-finite loss."""
+    model_opt, actor_opt, critic_opt = opts
+    autocast = torch.autocast(batch["obs"].device.type, dtype=torch.bfloat16, enabled=args.bf16)
+    with autocast:
+        model_loss, post, metrics = world_model_loss(wm, batch, args)
+    check_finite({"model_loss": model_loss}, updates, save)
+    optimizer_step(model_opt, model_loss, wm, args.grad_clip, args.weight_decay)
+    with autocast:
+        loss_actor, loss_critic, ac_metrics = behaviour_loss(
+            wm, actor, critic, target_critic, post, batch["terminated"], args, discrete)
+    check_finite({"actor_loss": loss_actor, "critic_loss": loss_critic}, updates, save)
+    optimizer_step(actor_opt, loss_actor, actor, args.grad_clip, args.weight_decay)
+    optimizer_step(critic_opt, loss_critic, critic, args.grad_clip, args.weight_decay)
+    if updates % args.target_update_every == 0:
+        target_critic.load_state_dict(critic.state_dict())
+    return {k: v.detach() for k, v in {**metrics, **ac_metrics}.items()}
+
+
 # Acting
 class Agent:
     """Online filter for acting: keeps (state, previous action) across env steps, resets at is_first."""
@@ -639,8 +665,10 @@ def openloop_video(wm: WorldModel, batch: dict, context: int = 5):
     for t in range(context, obs.shape[1]):
         state = wm.rssm.img_step(state, action[:, t])
         feats.append(feature(state))
-    model = torch.cat([recon, wm.decode(torch.stack(feats, 1))], 1).float() + 0.5
+    model = torch.cat([recon, wm.decode(torch.stack(feats, 1))], 1).float().view(obs.shape) + 0.5
     truth = obs.float() / 255.0
+    if not wm.conv:  # small frames (MinAtar): enlarge 6x for viewing
+        model, truth = (x.repeat_interleave(6, -1).repeat_interleave(6, -2) for x in (model, truth))
     error = (model - truth + 1) / 2
     video = torch.cat([truth, model, error], 3).clamp(0, 1)  # (n, T, C, 3H, W)
     video = torch.cat(list(video), -1)  # (T, C, 3H, n·W)
@@ -673,6 +701,7 @@ def main(args: Args):
     model_opt = torch.optim.Adam(wm.parameters(), args.model_lr, eps=args.adam_eps)
     actor_opt = torch.optim.Adam(actor.parameters(), args.actor_lr, eps=args.adam_eps)
     critic_opt = torch.optim.Adam(critic.parameters(), args.critic_lr, eps=args.adam_eps)
+    opts = (model_opt, actor_opt, critic_opt)
     replay = Replay(args.replay_capacity, os.path.join(run_dir, "episodes"), seed=args.seed)
 
     global_step, updates, last_return = 0, 0, None
@@ -704,33 +733,19 @@ def main(args: Args):
     signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
     signal.signal(signal.SIGINT, lambda *_: stop.append(True))
 
-    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)  # noqa: E731
     agent = Agent(wm, actor, action_dim, device)
     prefill_steps = args.prefill * args.action_repeat
     metrics_log: dict[str, list] = {}
 
     def update():
-        """One update: world model on a replayed batch, then actor and critic in imagination."""
         nonlocal updates
         t0 = time.perf_counter()
         data = replay.sample(args.batch_size, args.batch_length)
         batch = {k: torch.as_tensor(v, device=device) for k, v in data.items()}
-        with autocast():
-            model_loss, post, metrics = world_model_loss(wm, batch, args)
-        check_finite({"model_loss": model_loss}, updates, save)
-        optimizer_step(model_opt, model_loss, wm, args.grad_clip, args.weight_decay)
-        with autocast():
-            loss_actor, loss_critic, ac_metrics = behaviour_loss(
-                wm, actor, critic, target_critic, post, batch["terminated"], args, discrete)
-        check_finite({"actor_loss": loss_actor, "critic_loss": loss_critic}, updates, save)
-        optimizer_step(actor_opt, loss_actor, actor, args.grad_clip, args.weight_decay)
-        optimizer_step(critic_opt, loss_critic, critic, args.grad_clip, args.weight_decay)
-        if updates % args.target_update_every == 0:
-            target_critic.load_state_dict(critic.state_dict())
+        metrics = train_update(wm, actor, critic, target_critic, opts, batch, args, discrete, updates, save)
         updates += 1
-        metrics.update(ac_metrics)
         for k, v in metrics.items():
-            metrics_log.setdefault(k, []).append(float(torch.as_tensor(v).detach()))
+            metrics_log.setdefault(k, []).append(float(v))
         metrics_log.setdefault("train_step_ms", []).append(1000 * (time.perf_counter() - t0))
         if args.video_every and updates % args.video_every == 0 and wm.image:
             add_video(writer, "media/openloop", openloop_video(wm, batch), global_step)
