@@ -636,8 +636,9 @@ def env_action(action: np.ndarray, discrete: bool):
 
 
 def evaluate(agent: Agent, args: Args, episodes: int, discrete: bool) -> list[float]:
-    env = make_env(args.env_id, args.seed + 10_000, pixels=args.pixels, grayscale=args.grayscale and env_family(args.env_id) == "atari",
-                   action_repeat=args.action_repeat)
+    """Greedy episodes (the actor's mode) in a fresh env without life loss; returns their raw returns."""
+    env = make_env(args.env_id, args.seed + 10_000, pixels=args.pixels, action_repeat=args.action_repeat,
+                   grayscale=args.grayscale and env_family(args.env_id) == "atari")
     returns = []
     for ep in range(episodes):
         obs, _ = env.reset(seed=args.seed + 10_000 + ep)
@@ -679,19 +680,25 @@ def openloop_video(wm: WorldModel, batch: dict, context: int = 5):
 
 # Training loop (Algorithm 1 of the paper)
 def main(args: Args):
-    run_dir, resumed = open_run(args)
-    seed_everything(args.seed, args.torch_deterministic)
-    device = choose_device(args.cuda)
     family = env_family(args.env_id)
-    env = make_env(args.env_id, args.seed, pixels=args.pixels, grayscale=args.grayscale and family == "atari",
-                   action_repeat=args.action_repeat, life_loss=args.life_loss, capture_video=args.capture_video,
-                   video_dir=os.path.join(run_dir, "videos"))
+    env_kwargs = dict(pixels=args.pixels, grayscale=args.grayscale and family == "atari",
+                      action_repeat=args.action_repeat, life_loss=args.life_loss)
+    try:  # a bad env id or space stops here, before a run directory is made
+        env = make_env(args.env_id, args.seed, **env_kwargs)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     discrete = isinstance(env.action_space, gym.spaces.Discrete)
     action_dim = env.action_space.n if discrete else env.action_space.shape[0]
     if args.actor_grad not in ("auto", "reinforce", "dynamics"):
         raise SystemExit(f"--actor-grad must be auto, reinforce or dynamics, not '{args.actor_grad}'.")
     if discrete and args.actor_grad == "dynamics":
         raise SystemExit("--actor-grad dynamics needs continuous actions; this env's actions are discrete.")
+    run_dir, resumed = open_run(args)
+    if args.capture_video:
+        env.close()
+        env = make_env(args.env_id, args.seed, **env_kwargs, capture_video=True, video_dir=os.path.join(run_dir, "videos"))
+    seed_everything(args.seed, args.torch_deterministic)
+    device = choose_device(args.cuda)
 
     wm = WorldModel(env.observation_space, action_dim, args).to(device)
     actor = Actor(wm.feat_dim, action_dim, discrete, args.mlp_layers, args.mlp_units).to(device)

@@ -305,6 +305,20 @@ def test_kill_and_resume_loses_nothing(tmp_path):
     steps = ckpt["global_step"]
     episodes = len([f for f in glob.glob(os.path.join(run_dir, "episodes", "*.npz")) if "partial" not in f])
     assert rows == steps + episodes + 1  # every step of every episode, the unfinished one included
+    # the training loop stores rows as common/replay.py documents: replaying the stored actions in a
+    # fresh CartPole with the run's seed reproduces every stored observation, reward and flag
+    from common.envs import make_env
+    (first_file,) = glob.glob(os.path.join(run_dir, "episodes", "000000-*.npz"))
+    first = np.load(first_file)
+    env = make_env("CartPole-v1", 0)
+    obs, _ = env.reset(seed=0)
+    np.testing.assert_array_equal(first["obs"][0], obs)
+    assert first["is_first"][0] and not first["is_first"][1:].any() and first["action"][0].sum() == 0
+    for t in range(1, len(first["obs"])):
+        obs, reward, terminated, truncated, _ = env.step(int(first["action"][t].argmax()))
+        np.testing.assert_array_equal(first["obs"][t], obs)
+        assert (first["reward"][t], first["terminated"][t], first["truncated"][t]) == (reward, terminated, truncated)
+    assert terminated or truncated
     out = subprocess.run(cmd[:-1] + [str(steps + 20), "--resume", run_dir], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
     assert f"{rows} replay rows reloaded" in out.stdout
@@ -317,3 +331,6 @@ def test_bad_resume_and_bad_actor_grad_get_one_sentence(tmp_path):
     assert out.returncode != 0 and "Cannot resume" in out.stderr and "Traceback" not in out.stderr
     out = run_script(tmp_path, "--env-id", "CartPole-v1", "--actor-grad", "dynamics")
     assert out.returncode != 0 and "discrete" in out.stderr and "Traceback" not in out.stderr
+    out = run_script(tmp_path, "--env-id", "FrozenLake-v1")
+    assert out.returncode != 0 and "observation space" in out.stderr and "Traceback" not in out.stderr
+    assert not os.path.exists(tmp_path / "runs") or not os.listdir(tmp_path / "runs")
