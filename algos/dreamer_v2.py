@@ -68,7 +68,7 @@ class Args:
     torch_deterministic: bool = False
     """torch.backends.cudnn.deterministic and deterministic algorithms"""
     bf16: bool = False
-    """bf16 autocast for the forward passes (losses and optimizer state stay fp32)"""
+    """bf16 autocast for the forward passes, CUDA or a CPU with bf16 units (losses and optimizer state stay fp32)"""
     capture_video: bool = False
     """record every 10th training episode to runs/<run>/videos"""
     save_model: bool = True
@@ -247,7 +247,7 @@ class LayerNormGRUCell(nn.Module):
 
 def straight_through_sample(logits):
     """One-hot sample whose gradient is that of the probabilities (Algorithm 1 of the paper)."""
-    probs = F.softmax(logits, -1)
+    probs = F.softmax(logits.float(), -1)  # fp32 even under bf16 autocast, so the draw is exact
     # inverse-CDF draw: the first class whose cumulative probability exceeds u ~ U(0, 1)
     u = torch.rand(probs.shape[:-1] + (1,), device=probs.device, dtype=probs.dtype)
     index = (probs.cumsum(-1) < u).sum(-1).clamp_max(probs.shape[-1] - 1)

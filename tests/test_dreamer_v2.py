@@ -264,7 +264,8 @@ def events(run_dir):
 @pytest.mark.parametrize("env_id, extra", [
     # a Pong game lasts thousands of steps: no evaluation episode here (the other runs evaluate)
     ("ALE/Pong-v5", ["--action-repeat", "4", "--grayscale", "--eval-episodes", "0", "--total-timesteps", "480"]),
-    ("dm_control/cartpole-swingup-v0", ["--action-repeat", "8", "--total-timesteps", "800"]),
+    # continuous actions (dynamics backprop), under bf16 autocast (CPU autocast takes the same path as CUDA's)
+    ("dm_control/cartpole-swingup-v0", ["--action-repeat", "8", "--bf16", "--total-timesteps", "800"]),
 ])
 def test_smoke_run_writes_logs_video_checkpoint_and_resumes(tmp_path, env_id, extra):
     out = run_script(tmp_path, "--env-id", env_id, *extra)
