@@ -33,7 +33,7 @@ def bare(env_id, pixels):
         _register("dmc")
         env = gym.make(env_id, render_mode="rgb_array", render_kwargs=dict(width=64, height=64, camera_id=0))
         env = RepeatAction(env, 2)
-        return AddRenderObservation(env, render_only=True) if pixels else env
+        return AddRenderObservation(env, render_only=True) if pixels else gym.wrappers.FlattenObservation(env)
     if env_id.startswith("MinAtar/"):
         _register("minatar")
         return gym.make(env_id)
