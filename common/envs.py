@@ -18,6 +18,7 @@ Families (CONVENTIONS.md §5):
   any other Box-observation id float32 vectors.
 """
 
+import dataclasses
 import os
 
 os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering; must precede the mujoco import
@@ -31,7 +32,6 @@ from gymnasium.wrappers import (
     RecordEpisodeStatistics,
     RecordVideo,
     RepeatAction,
-    RescaleAction,
     ResizeObservation,
     TransformObservation,
 )
@@ -81,10 +81,10 @@ def _gym_make(env_id: str, **kwargs) -> gym.Env:
     every loop here resets before stepping, and on fast envs (MinAtar, a few µs a step) each wrapper
     layer costs 10-20% of the step."""
     try:
-        env = gym.make(env_id, disable_env_checker=True, **kwargs)
+        spec = gym.spec(env_id)
     except (gym.error.NameNotFound, gym.error.NamespaceNotFound, gym.error.VersionNotFound, gym.error.UnregisteredEnv) as e:
         raise ValueError(f"Unknown environment id '{env_id}' ({e}).") from None
-    return env.env if isinstance(env, gym.wrappers.OrderEnforcing) else env
+    return gym.make(dataclasses.replace(spec, order_enforce=False, disable_env_checker=True), **kwargs)
 
 
 def _channels_first(env: gym.Env) -> gym.Env:
@@ -239,10 +239,11 @@ def _unit_actions(env: gym.Env) -> gym.Env:
     space = env.action_space
     if np.all(space.low == -1) and np.all(space.high == 1):
         return env
-    if space.dtype != np.float32:
-        new = spaces.Box(space.low.astype(np.float32), space.high.astype(np.float32), space.shape, np.float32)
-        env = gym.wrappers.TransformAction(env, lambda a: np.asarray(a, dtype=space.dtype), new)
-    return RescaleAction(env, -1.0, 1.0)
+    # a = shift + scale · u for u in [-1, 1]: the affine map of gymnasium's RescaleAction, precomputed
+    scale = ((space.high - space.low) / 2).astype(space.dtype)
+    shift = ((space.high + space.low) / 2).astype(space.dtype)
+    unit = spaces.Box(-1.0, 1.0, space.shape, np.float32)
+    return gym.wrappers.TransformAction(env, lambda u: np.asarray(u, space.dtype) * scale + shift, unit)
 
 
 def _float32_vectors(env: gym.Env) -> gym.Env:

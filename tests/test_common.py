@@ -45,6 +45,14 @@ def test_env_families_shapes_dtypes_ranges(env_id, kwargs, shape, n_actions):
     env.close()
 
 
+def test_continuous_actions_are_rescaled_from_unit_range():
+    env = make_env("Pendulum-v1", 0)  # torque bounds [-2, 2]
+    env.reset(seed=0)
+    for u, torque in [(1.0, 2.0), (-1.0, -2.0), (0.25, 0.5)]:
+        env.step(np.array([u], np.float32))
+        assert env.unwrapped.last_u == pytest.approx(torque)
+
+
 def test_minatar_channels_are_0_or_255():
     env = make_env("MinAtar/Breakout-v1", 0)
     obs, _ = env.reset(seed=0)
