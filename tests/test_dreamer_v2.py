@@ -1,13 +1,8 @@
 """DreamerV2: hand-computed math tests of the losses and targets, and smoke runs of the real script."""
 
 import dataclasses
-import glob
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
@@ -15,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from gymnasium import spaces
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "algos"))
-import dreamer_v2 as d  # noqa: E402
+from tests.helpers import events, only_run_dir, run_script, script, start_and_terminate, stored_rows
+import dreamer_v2 as d  # noqa: E402  (tests.helpers puts algos/ on the path)
 
-SCRIPT = os.path.join(os.path.dirname(__file__), "..", "algos", "dreamer_v2.py")
+SCRIPT = script("dreamer_v2.py")
 
 
 def tiny_args(**kw):
@@ -248,17 +243,8 @@ TINY = ["--preset", "small", "--no-cuda", "--batch-size", "4", "--batch-length",
         "--checkpoint-every", "5", "--eval-episodes", "1"]
 
 
-def run_script(tmp_path, *extra, timeout=120):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, SCRIPT, *TINY, *extra], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=timeout, env=env)
-
-
-def events(run_dir):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    acc = EventAccumulator(run_dir, size_guidance={"tensors": 0, "images": 0, "scalars": 0})
-    acc.Reload()
-    return acc
+def run(tmp_path, *extra, timeout=120):
+    return run_script(SCRIPT, [*TINY, *extra], tmp_path, timeout)
 
 
 @pytest.mark.parametrize("env_id, extra", [
@@ -268,9 +254,9 @@ def events(run_dir):
     ("dm_control/cartpole-swingup-v0", ["--action-repeat", "8", "--bf16", "--total-timesteps", "800"]),
 ])
 def test_smoke_run_writes_logs_video_checkpoint_and_resumes(tmp_path, env_id, extra):
-    out = run_script(tmp_path, "--env-id", env_id, *extra)
+    out = run(tmp_path, "--env-id", env_id, *extra)
     assert out.returncode == 0, out.stdout + out.stderr
-    (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
+    run_dir = only_run_dir(tmp_path)
     assert os.path.isfile(os.path.join(run_dir, "checkpoint.pt"))
     acc = events(run_dir)
     scalars = acc.Tags()["scalars"]
@@ -282,34 +268,28 @@ def test_smoke_run_writes_logs_video_checkpoint_and_resumes(tmp_path, env_id, ex
     total = int(extra[-1])
     assert ckpt["global_step"] == total and ckpt["updates"] > 2
     # resume: same directory, continues from the saved step to the new total
-    out = run_script(tmp_path, "--env-id", env_id, *extra[:-1], str(total * 2), "--resume", run_dir)
+    out = run(tmp_path, "--env-id", env_id, *extra[:-1], str(total * 2), "--resume", run_dir)
     assert out.returncode == 0, out.stdout + out.stderr
     assert f"resumed {run_dir} at step {total}" in out.stdout
     ckpt2 = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)
     assert ckpt2["global_step"] == 2 * total and ckpt2["updates"] > ckpt["updates"]
-    assert glob.glob(str(tmp_path / "runs" / "*")) == [run_dir]
+    assert only_run_dir(tmp_path) == run_dir
 
 
 def test_kill_and_resume_loses_nothing(tmp_path):
-    cmd = [sys.executable, SCRIPT, *TINY, "--env-id", "CartPole-v1", "--total-timesteps", "1000000"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 60
-    while time.time() < deadline and not glob.glob(str(tmp_path / "runs" / "*" / "checkpoint.pt")):
-        time.sleep(0.5)
-    time.sleep(1.0)
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 130, out
-    (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
+    args = [*TINY, "--env-id", "CartPole-v1", "--total-timesteps", "1000000"]
+    code, out = start_and_terminate(SCRIPT, args, tmp_path)
+    assert code == 130, out
+    run_dir = only_run_dir(tmp_path)
     ckpt = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)
-    rows = sum(len(np.load(f)["obs"]) for f in glob.glob(os.path.join(run_dir, "episodes", "*.npz")))
+    rows, episodes = stored_rows(run_dir)
     steps = ckpt["global_step"]
-    episodes = len([f for f in glob.glob(os.path.join(run_dir, "episodes", "*.npz")) if "partial" not in f])
     assert rows == steps + episodes + 1  # every step of every episode, the unfinished one included
     # the training loop stores rows as common/replay.py documents: replaying the stored actions in a
     # fresh CartPole with the run's seed reproduces every stored observation, reward and flag
     from common.envs import make_env
-    (first_file,) = glob.glob(os.path.join(run_dir, "episodes", "000000-*.npz"))
+    first_file = sorted(os.listdir(os.path.join(run_dir, "episodes")))[0]
+    first_file = os.path.join(run_dir, "episodes", first_file)
     first = np.load(first_file)
     env = make_env("CartPole-v1", 0)
     obs, _ = env.reset(seed=0)
@@ -320,7 +300,7 @@ def test_kill_and_resume_loses_nothing(tmp_path):
         np.testing.assert_array_equal(first["obs"][t], obs)
         assert (first["reward"][t], first["terminated"][t], first["truncated"][t]) == (reward, terminated, truncated)
     assert terminated or truncated
-    out = subprocess.run(cmd[:-1] + [str(steps + 20), "--resume", run_dir], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    out = run_script(SCRIPT, args[:-1] + [str(steps + 20), "--resume", run_dir], tmp_path)
     assert out.returncode == 0, out.stdout + out.stderr
     assert f"{rows} replay rows reloaded" in out.stdout
     with open(os.path.join(run_dir, "args.json")) as f:
@@ -328,10 +308,10 @@ def test_kill_and_resume_loses_nothing(tmp_path):
 
 
 def test_bad_resume_and_bad_actor_grad_get_one_sentence(tmp_path):
-    out = run_script(tmp_path, "--env-id", "CartPole-v1", "--resume", str(tmp_path / "nope"))
+    out = run(tmp_path, "--env-id", "CartPole-v1", "--resume", str(tmp_path / "nope"))
     assert out.returncode != 0 and "Cannot resume" in out.stderr and "Traceback" not in out.stderr
-    out = run_script(tmp_path, "--env-id", "CartPole-v1", "--actor-grad", "dynamics")
+    out = run(tmp_path, "--env-id", "CartPole-v1", "--actor-grad", "dynamics")
     assert out.returncode != 0 and "discrete" in out.stderr and "Traceback" not in out.stderr
-    out = run_script(tmp_path, "--env-id", "FrozenLake-v1")
+    out = run(tmp_path, "--env-id", "FrozenLake-v1")
     assert out.returncode != 0 and "observation space" in out.stderr and "Traceback" not in out.stderr
     assert not os.path.exists(tmp_path / "runs") or not os.listdir(tmp_path / "runs")
