@@ -346,7 +346,7 @@ class OneHotCategorical(torch.distributions.OneHotCategorical):
 
 
 class Actor(nn.Module):
-    """Action model q_φ(a_τ | s_τ) (Eq. 5): 4 ELU layers; tanh-Gaussian or one-hot categorical."""
+    """Action model q_φ(a_τ | s_τ) (Sec. 3): 4 ELU layers; tanh-Gaussian or one-hot categorical."""
 
     def __init__(self, feat: int, action_dim: int, discrete: bool, units: int, init_std: float, mean_scale: float):
         super().__init__()
