@@ -209,6 +209,26 @@ class ConvDecoder(nn.Module):
         return self.net(self.inp(feat).view(-1, 32 * self.depth, 1, 1))
 
 
+class GRUCell(nn.Module):
+    """GRU, computed exactly as torch.nn.GRUCell (and Keras' GRUCell with reset_after) but from two Linear
+    layers, so that bf16 autocast applies to it on a CPU too (nn.GRUCell stays fp32 there):
+
+        r, z = σ(W_ir x + W_hr h),  σ(W_iz x + W_hz h);   n = tanh(W_in x + r ⊙ (W_hn h));   h' = (1 − z) ⊙ n + z ⊙ h
+    """
+
+    def __init__(self, inp: int, size: int):
+        super().__init__()
+        self.inp = nn.Linear(inp, 3 * size)
+        self.hid = nn.Linear(size, 3 * size)
+
+    def forward(self, x, h):
+        ir, iz, in_ = self.inp(x).chunk(3, -1)
+        hr, hz, hn = self.hid(h).chunk(3, -1)
+        r, z = torch.sigmoid(ir + hr), torch.sigmoid(iz + hz)
+        n = torch.tanh(in_ + r * hn)
+        return ((1 - z) * n + z * h).to(h.dtype)
+
+
 class RSSM(nn.Module):
     """Recurrent state-space model (Eq. 2, Fig. 2c). State: deter h_t (GRU) and Gaussian stoch s_t.
 
@@ -222,7 +242,7 @@ class RSSM(nn.Module):
         super().__init__()
         self.deter, self.stoch, self.min_std = deter, stoch, min_std
         self.img_in = nn.Sequential(nn.Linear(stoch + action_dim, hidden), nn.ELU())
-        self.cell = nn.GRUCell(hidden, deter)
+        self.cell = GRUCell(hidden, deter)
         self.img_out = nn.Sequential(nn.Linear(deter, hidden), nn.ELU(), nn.Linear(hidden, 2 * stoch))
         self.obs_out = nn.Sequential(nn.Linear(deter + embed, hidden), nn.ELU(), nn.Linear(hidden, 2 * stoch))
 

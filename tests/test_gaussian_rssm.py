@@ -56,3 +56,16 @@ def test_kl_gaussian_matches_torch(module):
     mq, mp, sq, sp = torch.randn(4, 3), torch.randn(4, 3), torch.rand(4, 3) + 0.1, torch.rand(4, 3) + 0.1
     ref = torch.distributions.kl_divergence(torch.distributions.Normal(mq, sq), torch.distributions.Normal(mp, sp)).sum(-1)
     torch.testing.assert_close(module.kl_gaussian(mq, sq, mp, sp), ref)
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_gru_cell_computes_torch_gru_cell(module):
+    torch.manual_seed(0)
+    ours, ref = module.GRUCell(5, 7), torch.nn.GRUCell(5, 7)
+    with torch.no_grad():
+        ref.weight_ih.copy_(ours.inp.weight)
+        ref.bias_ih.copy_(ours.inp.bias)
+        ref.weight_hh.copy_(ours.hid.weight)
+        ref.bias_hh.copy_(ours.hid.bias)
+    x, h = torch.randn(3, 5), torch.randn(3, 7)
+    torch.testing.assert_close(ours(x, h), ref(x, h))
