@@ -1,5 +1,6 @@
-"""The Gaussian RSSM that planet.py and dreamer_v1.py each carry (their own copies, CONVENTIONS §1):
-the same tests run against both."""
+"""Parts that several algorithm files each carry as their own copy (CONVENTIONS §1): the Gaussian RSSM of
+planet.py and dreamer_v1.py, and the conv decoder they share with dreamer_v2.py. The same tests run
+against every copy."""
 
 import dataclasses
 
@@ -10,9 +11,11 @@ from gymnasium import spaces
 
 import tests.helpers  # noqa: F401  (puts algos/ on the path)
 import dreamer_v1  # noqa: E402
+import dreamer_v2  # noqa: E402
 import planet  # noqa: E402
 
 MODULES = [pytest.param(planet, id="planet"), pytest.param(dreamer_v1, id="dreamer_v1")]
+CONV_MODULES = [*MODULES, pytest.param(dreamer_v2, id="dreamer_v2")]
 
 
 def tiny_wm(module, action_dim=2):
@@ -69,3 +72,13 @@ def test_gru_cell_computes_torch_gru_cell(module):
         ref.bias_hh.copy_(ours.hid.bias)
     x, h = torch.randn(3, 5), torch.randn(3, 7)
     torch.testing.assert_close(ours(x, h), ref(x, h))
+
+
+@pytest.mark.parametrize("module", CONV_MODULES)
+def test_conv_decoder_first_layer_as_a_matmul_equals_the_transposed_conv(module):
+    torch.manual_seed(0)
+    dec = module.ConvDecoder(10, 3, 4)
+    feat = torch.randn(2, 10)
+    as_conv = dec.net(dec.inp(feat).view(-1, 32 * 4, 1, 1))
+    torch.testing.assert_close(dec(feat), as_conv, rtol=1e-4, atol=1e-5)
+    assert dec(feat).shape == (2, 3, 64, 64)
