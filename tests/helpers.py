@@ -52,3 +52,37 @@ def stored_rows(run_dir: str) -> tuple[int, int]:
     files = glob.glob(os.path.join(run_dir, "episodes", "*.npz"))
     rows = sum(len(np.load(f)["obs"]) for f in files)
     return rows, len([f for f in files if "partial" not in f])
+
+
+def checkpoint(run_dir: str) -> dict:
+    import torch
+    return torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)
+
+
+def check_resume_doubles_the_run(path: str, args: list, total: int, cwd, run_dir: str) -> dict:
+    """Resume `run_dir` with `args` and --total-timesteps 2·total: the run must continue in the same
+    directory from the saved step to the new total with more updates. Returns the new checkpoint."""
+    before = checkpoint(run_dir)
+    out = run_script(path, [*args, "--total-timesteps", str(2 * total), "--resume", run_dir], cwd)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"resumed {run_dir} at step {total}" in out.stdout
+    after = checkpoint(run_dir)
+    assert after["global_step"] == 2 * total and after["updates"] > before["updates"]
+    assert only_run_dir(cwd) == run_dir
+    return after
+
+
+def kill_and_resume(path: str, args: list, cwd) -> tuple[str, dict, int]:
+    """SIGTERM a long run after its first checkpoint: it must exit 130 having stored every step of every
+    episode (the unfinished one included), and a resume must reload all of them. Returns (run dir, the
+    checkpoint written at the kill, the number of episodes finished by then)."""
+    code, out = start_and_terminate(path, [*args, "--total-timesteps", "1000000"], cwd)
+    assert code == 130, out
+    run_dir = only_run_dir(cwd)
+    ckpt = checkpoint(run_dir)
+    rows, episodes = stored_rows(run_dir)
+    assert rows == ckpt["global_step"] + episodes + 1
+    out = run_script(path, [*args, "--total-timesteps", str(ckpt["global_step"] + 20), "--resume", run_dir], cwd)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"{rows} replay rows reloaded" in out.stdout
+    return run_dir, ckpt, episodes

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from gymnasium import spaces
 
-from tests.helpers import events, only_run_dir, run_script, script, start_and_terminate, stored_rows
+from tests.helpers import check_resume_doubles_the_run, checkpoint, events, kill_and_resume, only_run_dir, run_script, script
 import dreamer_v1 as d  # noqa: E402  (tests.helpers puts algos/ on the path)
 
 SCRIPT = script("dreamer_v1.py")
@@ -155,13 +155,13 @@ def run(tmp_path, *extra, timeout=120):
     return run_script(SCRIPT, [*TINY, *extra], tmp_path, timeout)
 
 
-@pytest.mark.parametrize("env_id, extra", [
-    ("dm_control/cartpole-swingup-v0", ["--action-repeat", "8", "--bf16", "--log-every", "400", "--total-timesteps", "1200"]),
-    ("Pendulum-v1", ["--log-every", "100", "--total-timesteps", "400"]),
-    ("CartPole-v1", ["--log-every", "100", "--total-timesteps", "400"]),  # discrete actions: one-hot actor
+@pytest.mark.parametrize("env_id, extra, total", [
+    ("dm_control/cartpole-swingup-v0", ["--action-repeat", "8", "--bf16", "--log-every", "400"], 1200),
+    ("Pendulum-v1", ["--log-every", "100"], 400),
+    ("CartPole-v1", ["--log-every", "100"], 400),  # discrete actions: one-hot actor
 ])
-def test_smoke_run_writes_logs_checkpoint_and_resumes(tmp_path, env_id, extra):
-    out = run(tmp_path, "--env-id", env_id, *extra)
+def test_smoke_run_writes_logs_checkpoint_and_resumes(tmp_path, env_id, extra, total):
+    out = run(tmp_path, "--env-id", env_id, *extra, "--total-timesteps", str(total))
     assert out.returncode == 0, out.stdout + out.stderr
     run_dir = only_run_dir(tmp_path)
     acc = events(run_dir)
@@ -170,30 +170,14 @@ def test_smoke_run_writes_logs_checkpoint_and_resumes(tmp_path, env_id, extra):
                 "perf/train_step_ms", "charts/SPS", "eval/episodic_return"):
         assert tag in scalars, (tag, scalars)
     assert ("media/openloop" in acc.Tags()["images"]) == env_id.startswith("dm_control")
-    ckpt = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)
-    total = int(extra[-1])
+    ckpt = checkpoint(run_dir)
     assert ckpt["global_step"] == total and ckpt["updates"] > 2
-    if env_id != "Pendulum-v1":
-        return
-    out = run(tmp_path, "--env-id", env_id, *extra[:-1], str(total * 2), "--resume", run_dir)
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert f"resumed {run_dir} at step {total}" in out.stdout
-    ckpt2 = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)
-    assert ckpt2["global_step"] == 2 * total and ckpt2["updates"] > ckpt["updates"]
-    assert only_run_dir(tmp_path) == run_dir
+    if env_id == "Pendulum-v1":
+        check_resume_doubles_the_run(SCRIPT, [*TINY, "--env-id", env_id, *extra], total, tmp_path, run_dir)
 
 
 def test_kill_and_resume_loses_nothing(tmp_path):
-    args = [*TINY, "--env-id", "CartPole-v1", "--log-every", "100", "--total-timesteps", "1000000"]
-    code, out = start_and_terminate(SCRIPT, args, tmp_path)
-    assert code == 130, out
-    run_dir = only_run_dir(tmp_path)
-    ckpt = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)
-    rows, episodes = stored_rows(run_dir)
-    assert rows == ckpt["global_step"] + episodes + 1  # every step of every episode, the unfinished one included
-    out = run_script(SCRIPT, args[:-1] + [str(ckpt["global_step"] + 20), "--resume", run_dir], tmp_path)
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert f"{rows} replay rows reloaded" in out.stdout
+    kill_and_resume(SCRIPT, [*TINY, "--env-id", "CartPole-v1", "--log-every", "100"], tmp_path)
 
 
 def test_bad_inputs_get_one_sentence(tmp_path):

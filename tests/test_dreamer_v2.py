@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from gymnasium import spaces
 
-from tests.helpers import events, only_run_dir, run_script, script, start_and_terminate, stored_rows
+from tests.helpers import check_resume_doubles_the_run, checkpoint, events, kill_and_resume, only_run_dir, run_script, script
 import dreamer_v2 as d  # noqa: E402  (tests.helpers puts algos/ on the path)
 
 SCRIPT = script("dreamer_v2.py")
@@ -247,14 +247,14 @@ def run(tmp_path, *extra, timeout=120):
     return run_script(SCRIPT, [*TINY, *extra], tmp_path, timeout)
 
 
-@pytest.mark.parametrize("env_id, extra", [
+@pytest.mark.parametrize("env_id, extra, total", [
     # a Pong game lasts thousands of steps: no evaluation episode here (the other runs evaluate)
-    ("ALE/Pong-v5", ["--action-repeat", "4", "--grayscale", "--eval-episodes", "0", "--total-timesteps", "480"]),
+    ("ALE/Pong-v5", ["--action-repeat", "4", "--grayscale", "--eval-episodes", "0"], 480),
     # continuous actions (dynamics backprop), under bf16 autocast (CPU autocast takes the same path as CUDA's)
-    ("dm_control/cartpole-swingup-v0", ["--action-repeat", "8", "--bf16", "--total-timesteps", "800"]),
+    ("dm_control/cartpole-swingup-v0", ["--action-repeat", "8", "--bf16"], 800),
 ])
-def test_smoke_run_writes_logs_video_checkpoint_and_resumes(tmp_path, env_id, extra):
-    out = run(tmp_path, "--env-id", env_id, *extra)
+def test_smoke_run_writes_logs_video_checkpoint_and_resumes(tmp_path, env_id, extra, total):
+    out = run(tmp_path, "--env-id", env_id, *extra, "--total-timesteps", str(total))
     assert out.returncode == 0, out.stdout + out.stderr
     run_dir = only_run_dir(tmp_path)
     assert os.path.isfile(os.path.join(run_dir, "checkpoint.pt"))
@@ -264,27 +264,13 @@ def test_smoke_run_writes_logs_video_checkpoint_and_resumes(tmp_path, env_id, ex
         assert tag in scalars, (tag, scalars)
     assert ("eval/episodic_return" in scalars) == ("0" not in extra)
     assert "media/openloop" in acc.Tags()["tensors"] + acc.Tags()["images"]
-    ckpt = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)
-    total = int(extra[-1])
+    ckpt = checkpoint(run_dir)
     assert ckpt["global_step"] == total and ckpt["updates"] > 2
-    # resume: same directory, continues from the saved step to the new total
-    out = run(tmp_path, "--env-id", env_id, *extra[:-1], str(total * 2), "--resume", run_dir)
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert f"resumed {run_dir} at step {total}" in out.stdout
-    ckpt2 = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)
-    assert ckpt2["global_step"] == 2 * total and ckpt2["updates"] > ckpt["updates"]
-    assert only_run_dir(tmp_path) == run_dir
+    check_resume_doubles_the_run(SCRIPT, [*TINY, "--env-id", env_id, *extra], total, tmp_path, run_dir)
 
 
 def test_kill_and_resume_loses_nothing(tmp_path):
-    args = [*TINY, "--env-id", "CartPole-v1", "--total-timesteps", "1000000"]
-    code, out = start_and_terminate(SCRIPT, args, tmp_path)
-    assert code == 130, out
-    run_dir = only_run_dir(tmp_path)
-    ckpt = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)
-    rows, episodes = stored_rows(run_dir)
-    steps = ckpt["global_step"]
-    assert rows == steps + episodes + 1  # every step of every episode, the unfinished one included
+    run_dir, _, _ = kill_and_resume(SCRIPT, [*TINY, "--env-id", "CartPole-v1"], tmp_path)
     # the training loop stores rows as common/replay.py documents: replaying the stored actions in a
     # fresh CartPole with the run's seed reproduces every stored observation, reward and flag
     from common.envs import make_env
@@ -300,9 +286,6 @@ def test_kill_and_resume_loses_nothing(tmp_path):
         np.testing.assert_array_equal(first["obs"][t], obs)
         assert (first["reward"][t], first["terminated"][t], first["truncated"][t]) == (reward, terminated, truncated)
     assert terminated or truncated
-    out = run_script(SCRIPT, args[:-1] + [str(steps + 20), "--resume", run_dir], tmp_path)
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert f"{rows} replay rows reloaded" in out.stdout
     with open(os.path.join(run_dir, "args.json")) as f:
         assert json.load(f)["env_id"] == "CartPole-v1"
 
