@@ -348,11 +348,6 @@ class TanhNormal:
 
     sample = rsample
 
-    def log_prob(self, action):
-        x = torch.atanh(action.clamp(-1 + 1e-6, 1 - 1e-6))
-        # change of variables: log|d tanh(x)/dx| = 2 (log 2 − x − softplus(−2x))
-        return (self.normal.log_prob(x) - 2 * (math.log(2) - x - F.softplus(-2 * x))).sum(-1)
-
     @property
     def mode(self):
         return torch.tanh(self.normal.mean)

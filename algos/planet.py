@@ -341,13 +341,6 @@ def quantise(obs, bit_depth: int):
     return x + torch.rand_like(x) / bins
 
 
-def dequantise_to_uint8(x, bit_depth: int):
-    """The inverse of `quantise` for viewing: the bin a value falls in, as the bin's lowest 8-bit value."""
-    bins = 2**bit_depth
-    index = torch.floor((x + 0.5) * bins).clamp(0, bins - 1)
-    return (index * 2 ** (8 - bit_depth)).to(torch.uint8)
-
-
 def kl_gaussian(mean_q, std_q, mean_p, std_p):
     """KL(N(mean_q, std_q) ‖ N(mean_p, std_p)) of diagonal Gaussians, summed over the last dimension."""
     var_ratio = (std_q / std_p) ** 2
