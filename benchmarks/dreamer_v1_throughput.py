@@ -11,12 +11,9 @@ shaped like the env's observations. Peak resident memory is the process's ru_max
 of one `Agent.act` (encode + filter step + action model).
 """
 
-import argparse
 import dataclasses
 import os
-import resource
 import sys
-import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "algos"))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -25,18 +22,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import dreamer_v1 as d  # noqa: E402
+from benchmarks.timing import cpu_seconds, parse, peak_rss_gib, random_batch  # noqa: E402
 from common.envs import make_env  # noqa: E402
 
 
 def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--preset", default="dmc")
-    p.add_argument("--env-id", default="dm_control/cheetah-run-v0")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--bf16", action="store_true")
-    opt = p.parse_args()
-    torch.set_num_threads(opt.threads)
+    opt = parse("dmc", "dm_control/cheetah-run-v0")
     args = dataclasses.replace(d.Args(), preset=opt.preset, env_id=opt.env_id, bf16=opt.bf16, **d.PRESETS[opt.preset])
     env = make_env(opt.env_id, 0)
     discrete = hasattr(env.action_space, "n")
@@ -50,24 +41,12 @@ def main():
             torch.optim.Adam(value.parameters(), args.value_lr, eps=args.adam_eps))
     B, T = args.batch_size, args.batch_length
     shape = env.observation_space.shape
-    obs = torch.randint(0, 256, (B, T, *shape), dtype=torch.uint8) if wm.image else torch.randn(B, T, *shape)
-    action = torch.nn.functional.one_hot(torch.randint(0, action_dim, (B, T)), action_dim).float() if discrete \
-        else torch.rand(B, T, action_dim) * 2 - 1
-    batch = dict(obs=obs, action=action, reward=torch.randn(B, T), terminated=torch.rand(B, T) < 0.01,
-                 is_first=torch.rand(B, T) < 0.01)
-    times = []
-    for i in range(opt.repeats + 2):
-        t = time.process_time()
-        d.train_update(wm, actor, value, opts, batch, args, i, lambda: "")
-        times.append(time.process_time() - t)
+    batch = random_batch(env.observation_space, action_dim, discrete, B, T)
+    times = cpu_seconds(lambda i: d.train_update(wm, actor, value, opts, batch, args, i, lambda: ""), opt.repeats + 2)
     agent = d.Agent(wm, actor, action_dim, torch.device("cpu"))
     o, _ = env.reset(seed=0)
-    act = []
-    for i in range(50):
-        t = time.process_time()
-        agent.act(o, i == 0, greedy=False, expl_amount=args.expl_amount)
-        act.append(time.process_time() - t)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    act = cpu_seconds(lambda i: agent.act(o, i == 0, greedy=False, expl_amount=args.expl_amount), 50)
+    rss = peak_rss_gib()
     params = sum(x.numel() for m in (wm, actor, value) for x in m.parameters())
     print(f"preset {opt.preset}, {opt.env_id} obs {shape}, {action_dim} {'discrete' if discrete else 'continuous'} "
           f"actions, batch {B}x{T}, deter {args.deter}, stoch {args.stoch}, units {args.units}, CNN depth "

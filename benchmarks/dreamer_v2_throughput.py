@@ -9,12 +9,9 @@ warm-up updates, on random data shaped like the env's observations. Peak residen
 process's ru_maxrss. Acting: CPU time of one `Agent.act` (encode + filter step + policy).
 """
 
-import argparse
 import dataclasses
 import os
-import resource
 import sys
-import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "algos"))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -23,18 +20,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import dreamer_v2 as d  # noqa: E402
+from benchmarks.timing import cpu_seconds, parse, peak_rss_gib, random_batch  # noqa: E402
 from common.envs import make_env  # noqa: E402
 
 
 def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--preset", default="atari")
-    p.add_argument("--env-id", default="ALE/Pong-v5")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--bf16", action="store_true")
-    opt = p.parse_args()
-    torch.set_num_threads(opt.threads)
+    opt = parse("atari", "ALE/Pong-v5")
     args = dataclasses.replace(d.Args(), preset=opt.preset, env_id=opt.env_id, bf16=opt.bf16, **d.PRESETS[opt.preset])
     env = make_env(opt.env_id, 0, grayscale=args.grayscale and opt.env_id.startswith("ALE/"))
     discrete = hasattr(env.action_space, "n")
@@ -49,24 +40,13 @@ def main():
             torch.optim.Adam(critic.parameters(), args.critic_lr, eps=args.adam_eps))
     B, T = args.batch_size, args.batch_length
     shape = env.observation_space.shape
-    obs = torch.randint(0, 256, (B, T, *shape), dtype=torch.uint8) if wm.image else torch.randn(B, T, *shape)
-    action = torch.nn.functional.one_hot(torch.randint(0, action_dim, (B, T)), action_dim).float() if discrete \
-        else torch.rand(B, T, action_dim) * 2 - 1
-    batch = dict(obs=obs, action=action, reward=torch.randn(B, T), terminated=torch.rand(B, T) < 0.01,
-                 is_first=torch.rand(B, T) < 0.01)
-    times = []
-    for i in range(opt.repeats + 2):
-        t = time.process_time()
-        d.train_update(wm, actor, critic, target, opts, batch, args, discrete, i, lambda: "")
-        times.append(time.process_time() - t)
+    batch = random_batch(env.observation_space, action_dim, discrete, B, T)
+    times = cpu_seconds(lambda i: d.train_update(wm, actor, critic, target, opts, batch, args, discrete, i, lambda: ""),
+                        opt.repeats + 2)
     agent = d.Agent(wm, actor, action_dim, "cpu")
     o, _ = env.reset(seed=0)
-    act = []
-    for i in range(50):
-        t = time.process_time()
-        agent.act(o, i == 0, greedy=False)
-        act.append(time.process_time() - t)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    act = cpu_seconds(lambda i: agent.act(o, i == 0, greedy=False), 50)
+    rss = peak_rss_gib()
     params = sum(p.numel() for m in (wm, actor, critic) for p in m.parameters())
     print(f"preset {opt.preset}, {opt.env_id} obs {shape}, {action_dim} actions, batch {B}x{T}, deter {args.deter}, "
           f"{args.stoch}x{args.classes} latents, {params / 1e6:.1f}M parameters, threads {opt.threads}, bf16 {opt.bf16}")
