@@ -1,0 +1,201 @@
+"""World Models: V's loss and size, M's mixture density, sampling and data alignment, C's size and actions,
+the dream rollout, and the four-stage pipeline run end to end, stopped and resumed."""
+
+import glob
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from tests.helpers import checkpoint, events, only_run_dir, run_script, script, start_and_terminate
+import world_models_carracing as wm  # noqa: E402  (algos/ is on the path through tests.helpers)
+
+SCRIPT = script("world_models_carracing.py")
+
+
+# V ---------------------------------------------------------------------------------------------------
+def test_vae_has_the_papers_parameter_count_and_shapes():
+    vae = wm.VAE(32)
+    assert sum(p.numel() for p in vae.parameters()) == 4_348_547
+    recon, mu, logvar = vae(torch.rand(2, 3, 64, 64))
+    assert recon.shape == (2, 3, 64, 64) and mu.shape == logvar.shape == (2, 32)
+    assert 0 <= recon.min() and recon.max() <= 1
+
+
+def test_decoder_first_layer_as_a_matmul_equals_the_transposed_conv():
+    torch.manual_seed(0)
+    vae = wm.VAE(8)
+    z = torch.randn(3, 8)
+    as_conv = vae.decoder(vae.dec_in(z).view(-1, 1024, 1, 1))
+    torch.testing.assert_close(vae.decode(z), as_conv, rtol=1e-4, atol=1e-5)
+
+
+def test_kl_term_is_the_closed_form_floored_per_frame_at_the_tolerance():
+    mu = torch.tensor([[0.1, -0.2, 0.0, 0.3], [3.0, -2.0, 1.5, 2.5]])  # a small-KL frame and a large-KL frame
+    logvar = torch.tensor([[0.0, -0.1, 0.1, 0.0], [-1.0, 0.5, -2.0, 0.3]])
+    closed = torch.distributions.kl_divergence(torch.distributions.Normal(mu, (logvar / 2).exp()),
+                                               torch.distributions.Normal(0.0, 1.0)).sum(-1)
+    assert closed[0] < 0.5 * 4 < closed[1]
+    x, recon = torch.rand(2, 3, 64, 64), torch.rand(2, 3, 64, 64)
+    loss, r_loss, kl = wm.vae_loss(recon, x, mu, logvar, kl_tolerance=0.5)
+    assert r_loss.item() == pytest.approx((x - recon).pow(2).sum((1, 2, 3)).mean().item(), rel=1e-6)
+    assert kl.item() == pytest.approx(closed.mean().item(), rel=1e-5)  # logged: the KL itself
+    floored = (0.5 * 4 + closed[1]) / 2  # the first frame's KL counts as the tolerance, 2 nats
+    assert (loss - r_loss).item() == pytest.approx(floored.item(), rel=1e-5)
+    mu.requires_grad_(True)
+    loss, _, _ = wm.vae_loss(recon, x, mu, logvar, 0.5)
+    loss.backward()
+    assert mu.grad[0].abs().sum() == 0 and mu.grad[1].abs().sum() > 0  # no KL gradient below the floor
+
+
+# M ---------------------------------------------------------------------------------------------------
+def test_mdn_nll_equals_the_mixture_density_computed_by_hand():
+    logits = np.array([[[0.2, -1.0, 0.5], [1.0, 0.0, -0.5]]])  # (1 sample, 2 latent dims, 3 components)
+    mean = np.array([[[0.0, 1.0, -1.0], [0.5, 0.2, 2.0]]])
+    logstd = np.array([[[0.0, -0.5, 0.3], [0.1, 0.2, -0.3]]])
+    y = np.array([[0.4, 1.1]])
+    pi = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    sigma = np.exp(logstd)
+    density = (pi * np.exp(-0.5 * ((y[..., None] - mean) / sigma) ** 2) / (sigma * np.sqrt(2 * np.pi))).sum(-1)
+    expected = -np.log(density).mean()  # one mixture per dimension, averaged
+    t = lambda a: torch.tensor(a, dtype=torch.float32)  # noqa: E731
+    got = wm.mdn_nll(torch.log_softmax(t(logits), -1), t(mean), t(logstd), t(y))
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_mdn_head_splits_logmix_mean_logstd_in_the_official_layout():
+    rnn = wm.MDNRNN(2, 3, 8, 4)
+    with torch.no_grad():
+        rnn.mdn.weight.zero_()
+        rnn.mdn.bias.copy_(torch.arange(2 * 4 * 3, dtype=torch.float32))
+    logmix, mean, logstd, reward, done = rnn.head(torch.zeros(1, 1, 8))
+    assert mean[0, 0, 0].tolist() == [4, 5, 6, 7] and logstd[0, 0, 1].tolist() == [20, 21, 22, 23]
+    torch.testing.assert_close(logmix[0, 0, 1], torch.log_softmax(torch.tensor([12.0, 13, 14, 15]), -1))
+    assert reward is None and done is None
+
+
+def test_sampling_at_temperature_near_zero_returns_the_most_likely_components_mean():
+    logmix = torch.log_softmax(torch.tensor([[[0.0, 2.0, 1.0], [3.0, 0.0, 2.9]]]), -1)
+    mean = torch.tensor([[[5.0, -3.0, 1.0], [0.7, 9.0, -9.0]]])
+    logstd = torch.zeros(1, 2, 3)
+    torch.manual_seed(0)
+    for _ in range(20):
+        torch.testing.assert_close(wm.mdn_sample(logmix, mean, logstd, 1e-8), torch.tensor([[-3.0, 0.7]]), atol=1e-3, rtol=0)
+    # at τ = 1 the other components are drawn too
+    draws = torch.stack([wm.mdn_sample(logmix, mean, torch.full((1, 2, 3), -9.0), 1.0) for _ in range(200)])
+    assert len(torch.unique(draws[:, 0, 0].round())) == 3
+
+
+def test_mdn_batch_pairs_z_t_with_the_action_taken_at_frame_t_and_targets_the_next_row():
+    T = 12
+    t = np.arange(T, dtype=np.float32)
+    series = [dict(mu=np.stack([t, t], 1), logvar=np.zeros((T, 2), np.float32), action=np.stack([10 * t] * 3, 1),
+                   reward=100 * t, terminated=t == T - 1)]
+    b = wm.mdn_batch(series, 5, 4, np.random.default_rng(0))
+    start = b["mu"][:, 0, 0]
+    for i in range(4):
+        np.testing.assert_array_equal(b["mu"][:, i, 0], start + i)  # z_t
+        np.testing.assert_array_equal(b["action"][:, i, 0], 10 * (start + i + 1))  # a_t, stored in row t + 1
+        np.testing.assert_array_equal(b["next_mu"][:, i, 0], start + i + 1)  # target z_{t+1}
+        np.testing.assert_array_equal(b["reward"][:, i], 100 * (start + i + 1))  # r_{t+1}, earned by a_t
+    np.testing.assert_array_equal(b["done"][:, -1], (start + 4 == T - 1).astype(np.float32))
+
+
+def test_the_lstm_starts_with_a_forget_gate_bias_of_one():
+    rnn = wm.MDNRNN(4, 3, 6, 5)
+    total = rnn.lstm.bias_ih_l0 + rnn.lstm.bias_hh_l0
+    assert total[6:12].tolist() == [1.0] * 6 and total[:6].abs().sum() < 6  # gates i, f, g, o: only f is 1
+
+
+# C ---------------------------------------------------------------------------------------------------
+def test_controller_has_867_parameters_and_maps_z_h_to_valid_actions():
+    size = wm.controller_size(32, 256)
+    assert size == 867
+    params = np.zeros(size, np.float32)
+    params[:3] = [0.5, 0.3, -0.4]  # b first (official layout), W = 0
+    a = wm.controller_action(params, torch.randn(1, 32), torch.randn(1, 256))
+    expected_env = np.array([np.tanh(0.5), (np.tanh(0.3) + 1) / 2, 0.0])  # steer, gas, brake (brake clipped at 0)
+    np.testing.assert_allclose(a[0].numpy(), [expected_env[0], 2 * expected_env[1] - 1, 2 * expected_env[2] - 1],
+                               rtol=1e-6)
+    big = np.random.default_rng(0).standard_normal((50, size)).astype(np.float32) * 10
+    a = wm.controller_action(big, torch.randn(50, 32), torch.randn(50, 256))
+    assert a.shape == (50, 3) and a.abs().max() <= 1.0
+    params = np.zeros(size, np.float32)
+    params[3 + 3 * 32 + 0] = 1.0  # W row of h_0 → steer: C reads h (after z), not the cell state
+    h = torch.zeros(1, 256)
+    h[0, 0] = 0.7
+    assert wm.controller_action(params, torch.zeros(1, 32), h)[0, 0].item() == pytest.approx(np.tanh(0.7), rel=1e-6)
+
+
+def test_dream_rollouts_sum_predicted_rewards_until_predicted_done():
+    rnn = wm.MDNRNN(4, 3, 8, 2, reward_done=True)
+    params = np.zeros((3, wm.controller_size(4, 8)), np.float32)
+    with torch.no_grad():
+        rnn.mdn.weight.zero_()
+        rnn.mdn.bias.zero_()
+        rnn.mdn.bias[-2] = 2.0  # every predicted reward is 2
+        rnn.mdn.bias[-1] = -10.0  # never done
+    np.testing.assert_allclose(wm.dream_fitness(rnn, params, torch.zeros(2, 4), 5, 1.0), [10.0] * 3, rtol=1e-5)
+    with torch.no_grad():
+        rnn.mdn.bias[-1] = 10.0  # done after the first step: its reward counts, nothing after it
+    np.testing.assert_allclose(wm.dream_fitness(rnn, params, torch.zeros(2, 4), 5, 1.0), [2.0] * 3, rtol=1e-5)
+
+
+def test_brownian_policy_stays_in_the_box_and_moves_smoothly():
+    a = wm.brownian_actions(np.random.default_rng(0), 500, 1 / 50)
+    assert a.shape == (500, 3) and np.abs(a).max() <= 1
+    assert np.abs(np.diff(a, axis=0)).max() < 1.0 and np.abs(np.diff(a, axis=0)).mean() < 0.15
+
+
+# The pipeline ----------------------------------------------------------------------------------------
+TINY = ["--preset", "small", "--no-cuda", "--num-workers", "2", "--num-rollouts", "4", "--max-episode-steps", "50",
+        "--vae-epochs", "1", "--vae-batch-size", "20", "--rnn-steps", "20", "--rnn-seq-len", "16", "--rnn-batch-size",
+        "4", "--population", "4", "--rollouts-per-candidate", "1", "--generations", "1", "--eval-episodes", "1",
+        "--log-every", "5"]
+
+
+def test_all_four_stages_run_end_to_end_and_a_rerun_skips_them(tmp_path):
+    out = run_script(SCRIPT, TINY, tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    run_dir = only_run_dir(tmp_path)
+    files = sorted(glob.glob(os.path.join(run_dir, "episodes", "*.npz")))
+    assert len(files) == 4
+    ep = np.load(files[0])
+    assert ep["obs"].dtype == np.uint8 and ep["obs"].shape == (51, 3, 64, 64) and ep["is_first"][0] and ep["truncated"][-1]
+    assert len(glob.glob(os.path.join(run_dir, "series", "*.npz"))) == 4
+    acc = events(run_dir)
+    for tag in ("losses/vae_loss", "losses/vae_kl", "losses/mdn_nll", "charts/fitness_best", "charts/fitness_mean",
+                "eval/episodic_return", "charts/episodic_return"):
+        assert tag in acc.Tags()["scalars"], tag
+    assert "media/openloop" in acc.Tags()["images"] and "media/vae_reconstruction" in acc.Tags()["images"]
+    state = checkpoint(run_dir)["state"]
+    assert state["done"] == ["data", "vae", "mdnrnn", "controller"] and len(state["best_params"]) == 867
+    out = run_script(SCRIPT, [*TINY, "--resume", run_dir], tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    for stage in ("data", "vae", "mdnrnn", "controller"):
+        assert f"{stage}: finished earlier, skipped" in out.stdout
+    assert checkpoint(run_dir)["state"]["vae_updates"] == state["vae_updates"]  # nothing trained again
+
+
+def test_a_stopped_run_resumes_in_the_stage_it_was_stopped_in(tmp_path):
+    long = [*TINY, "--vae-epochs", "1000"]  # SIGTERM arrives while V trains
+    code, out = start_and_terminate(SCRIPT, long, tmp_path, settle=3.0)
+    assert code == 130 and "interrupted in stage vae" in out, out
+    run_dir = only_run_dir(tmp_path)
+    state = checkpoint(run_dir)["state"]
+    assert state["done"] == ["data"] and state["vae_updates"] > 0
+    out = run_script(SCRIPT, [*TINY, "--vae-epochs", str(state["vae_epoch"] + 1), "--resume", run_dir, "--stage", "vae"],
+                     tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert checkpoint(run_dir)["state"]["vae_updates"] > state["vae_updates"]  # continued, not restarted
+    assert len(glob.glob(os.path.join(run_dir, "episodes", "*.npz"))) == 4  # no rollout collected twice
+
+
+def test_bad_inputs_get_one_sentence(tmp_path):
+    for extra, words in ((["--env-id", "Pendulum-v1"], "built for CarRacing"),
+                         (["--stage", "vae"], "pass --resume"),
+                         (["--stage", "dream"], "--stage must be one of")):
+        out = run_script(SCRIPT, [*TINY, *extra], tmp_path)
+        assert out.returncode != 0 and words in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert not os.path.exists(tmp_path / "runs") or not os.listdir(tmp_path / "runs")
