@@ -59,31 +59,34 @@ def test_mdn_nll_equals_the_mixture_density_computed_by_hand():
     sigma = np.exp(logstd)
     density = (pi * np.exp(-0.5 * ((y[..., None] - mean) / sigma) ** 2) / (sigma * np.sqrt(2 * np.pi))).sum(-1)
     expected = -np.log(density).mean()  # one mixture per dimension, averaged
-    t = lambda a: torch.tensor(a, dtype=torch.float32)  # noqa: E731
-    got = wm.mdn_nll(torch.log_softmax(t(logits), -1), t(mean), t(logstd), t(y))
+    t = lambda a: torch.tensor(a, dtype=torch.float32).transpose(-1, -2)  # noqa: E731  (the script's (K, z) layout)
+    got = wm.mdn_nll(torch.log_softmax(t(logits), -2), t(mean), t(logstd), torch.tensor(y, dtype=torch.float32))
     assert got.item() == pytest.approx(expected, rel=1e-5)
 
 
-def test_mdn_head_splits_logmix_mean_logstd_in_the_official_layout():
+def test_mdn_head_gives_each_latent_dimension_its_own_normalised_mixture():
     rnn = wm.MDNRNN(2, 3, 8, 4)
+    # the paper's count, plus PyTorch's second LSTM bias vector (TensorFlow keeps one)
+    assert sum(p.numel() for p in wm.MDNRNN(32, 3, 256, 5).parameters()) == 422_368 + 4 * 256
     with torch.no_grad():
         rnn.mdn.weight.zero_()
         rnn.mdn.bias.copy_(torch.arange(2 * 4 * 3, dtype=torch.float32))
     logmix, mean, logstd, reward, done = rnn.head(torch.zeros(1, 1, 8))
-    assert mean[0, 0, 0].tolist() == [4, 5, 6, 7] and logstd[0, 0, 1].tolist() == [20, 21, 22, 23]
-    torch.testing.assert_close(logmix[0, 0, 1], torch.log_softmax(torch.tensor([12.0, 13, 14, 15]), -1))
+    assert logmix.shape == mean.shape == logstd.shape == (1, 1, 4, 2)  # (K, z)
+    torch.testing.assert_close(logmix.exp().sum(-2), torch.ones(1, 1, 2))  # π sums to 1 per dimension
+    assert mean[0, 0, :, 0].tolist() == [8, 10, 12, 14] and logstd[0, 0, :, 1].tolist() == [17, 19, 21, 23]
     assert reward is None and done is None
 
 
 def test_sampling_at_temperature_near_zero_returns_the_most_likely_components_mean():
-    logmix = torch.log_softmax(torch.tensor([[[0.0, 2.0, 1.0], [3.0, 0.0, 2.9]]]), -1)
-    mean = torch.tensor([[[5.0, -3.0, 1.0], [0.7, 9.0, -9.0]]])
-    logstd = torch.zeros(1, 2, 3)
+    logmix = torch.log_softmax(torch.tensor([[[0.0, 2.0, 1.0], [3.0, 0.0, 2.9]]]), -1).transpose(1, 2)  # (1, K, z)
+    mean = torch.tensor([[[5.0, -3.0, 1.0], [0.7, 9.0, -9.0]]]).transpose(1, 2)
+    logstd = torch.zeros(1, 3, 2)
     torch.manual_seed(0)
     for _ in range(20):
         torch.testing.assert_close(wm.mdn_sample(logmix, mean, logstd, 1e-8), torch.tensor([[-3.0, 0.7]]), atol=1e-3, rtol=0)
     # at τ = 1 the other components are drawn too
-    draws = torch.stack([wm.mdn_sample(logmix, mean, torch.full((1, 2, 3), -9.0), 1.0) for _ in range(200)])
+    draws = torch.stack([wm.mdn_sample(logmix, mean, torch.full((1, 3, 2), -9.0), 1.0) for _ in range(200)])
     assert len(torch.unique(draws[:, 0, 0].round())) == 3
 
 
