@@ -26,8 +26,9 @@ Deviations from the paper / official code (ramanans1/plan2explore):
  4. Continuous actions only (DMC); a discrete action space stops with one sentence.
  5. The zero-shot phase's extra updates (--task-updates, ours) come on top of the task actor-critic trained
     alongside exploration, as in the official code; the paper evaluates the latter directly.
- 6. The `small` preset (CPU) is ours: deter 200, stoch 30, MLPs of 200, CNN depth 16, batch 16 × 50,
-    train every 500 env steps, no free nats, normalised intrinsic reward.
+ 6. The `small` preset (CPU) is ours: deter 200, stoch 30, MLPs of 200 (the one-step models' hidden layers too,
+    instead of the embedding size), CNN depth 16, batch 16 × 50, train every 500 env steps, no free nats,
+    normalised intrinsic reward.
 """
 
 # Imports
@@ -137,8 +138,8 @@ class Args:
     # ensemble and intrinsic reward (Eq. 5)
     ensemble_size: int = 10
     """K one-step models"""
-    ensemble_width: int = 1
-    """hidden units of each one-step model = width × embedding size (official model_width_factor)"""
+    ensemble_units: int = 0
+    """hidden units of each one-step model's two layers; 0 = the embedding size (official: model_width_factor 1)"""
     intrinsic_scale: float = 10_000.0
     """the disagreement is multiplied by this (official intrinsic_reward_scale)"""
     normalize_intrinsic: bool = False
@@ -171,7 +172,8 @@ PRESETS = {
     "dmc": {},
     "small": dict(
         total_timesteps=50_000, prefill=2_500, train_every=500, batch_size=16, deter=200, stoch=30, hidden=200,
-        units=200, cnn_depth=16, free_nats=0.0, normalize_intrinsic=True, task_updates=500, log_every=1_000,
+        units=200, ensemble_units=200, cnn_depth=16, free_nats=0.0, normalize_intrinsic=True, task_updates=500,
+        log_every=1_000,
         video_every=200, checkpoint_every=200, eval_episodes=5,
     ),
 }
@@ -700,7 +702,7 @@ def main(args: Args):
 
     wm = WorldModel(env.observation_space, action_dim, args).to(device)
     nets = dict(wm=wm, ensemble=Ensemble(args.ensemble_size, wm.feat_dim, action_dim, wm.embed_dim,
-                                         args.ensemble_width * wm.embed_dim))
+                                         args.ensemble_units or wm.embed_dim))
     for name in ("expl", "task"):
         nets[f"{name}_actor"] = Actor(wm.feat_dim, action_dim, args.units, args.action_init_std, args.action_mean_scale)
         nets[f"{name}_value"] = mlp(wm.feat_dim, 1, 3, args.units)

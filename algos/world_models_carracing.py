@@ -406,6 +406,24 @@ def _controller_return(task) -> float:
     return run_controller(_WORKER["env"], _WORKER["vae"], _WORKER["rnn"], params, seed, max_steps)
 
 
+class Stopped(Exception):
+    pass
+
+
+def pool_results(iterator, stop: list):
+    """Results of pool.imap(_unordered) as they come, checking `stop` every second: a stop request (or workers
+    killed by a signal sent to the whole process group, whose tasks would never return) ends the wait."""
+    while True:
+        try:
+            yield iterator.next(timeout=1.0)
+        except StopIteration:
+            return
+        except mp.TimeoutError:
+            pass
+        if stop:
+            raise Stopped
+
+
 @torch.no_grad()
 def dream_fitness(rnn: MDNRNN, params: np.ndarray, z0: torch.Tensor, max_steps: int, temperature: float) -> np.ndarray:
     """Dream mode: every candidate (rows of params, each repeated for the rows of z0) rolled out inside M at
@@ -482,12 +500,10 @@ def stage_data(args: Args, run_dir: str, writer, stop: list) -> bool:
     if todo:
         start, steps = time.time(), 0
         with mp.get_context("spawn").Pool(args.num_workers, _init_worker, (vars(args),)) as pool:
-            for i, (k, rows, ret) in enumerate(pool.imap_unordered(_collect_rollout, todo)):
+            results = pool_results(pool.imap_unordered(_collect_rollout, todo), stop)
+            for i, (k, rows, ret) in enumerate(results):  # leaving the block terminates the workers
                 steps += rows - 1
                 writer.add_scalar("charts/episodic_return", ret, k)
-                if stop:
-                    pool.terminate()
-                    return False
                 if (i + 1) % max(1, len(todo) // 20) == 0 or i + 1 == len(todo):
                     sps = steps / (time.time() - start)
                     print(f"data: {len(have) + i + 1}/{args.num_rollouts} rollouts, {sps:.0f} env steps/s", flush=True)
@@ -566,10 +582,10 @@ def stage_mdnrnn(args: Args, vae: VAE, rnn: MDNRNN, opt, state: dict, run_dir: s
     return True
 
 
-def evaluate(args: Args, vae: VAE, rnn: MDNRNN, params, episodes: int, pool) -> list[float]:
+def evaluate(args: Args, params, episodes: int, pool, stop: list) -> list[float]:
     """The controller on `episodes` full real episodes (the env's own 1,000-step limit), in the workers."""
     tasks = [(params, 10_000 + args.seed * 1_000 + i, 10**9) for i in range(episodes)]
-    return pool.map(_controller_return, tasks)
+    return list(pool_results(pool.imap(_controller_return, tasks), stop))
 
 
 def stage_controller(args: Args, vae: VAE, rnn: MDNRNN, state: dict, run_dir: str, writer, stop: list, save) -> bool:
@@ -597,12 +613,8 @@ def stage_controller(args: Args, vae: VAE, rnn: MDNRNN, state: dict, run_dir: st
                 seeds = [args.seed * 1_000_003 + state["generation"] * args.rollouts_per_candidate + j
                          for j in range(args.rollouts_per_candidate)]  # the same tracks for every candidate
                 tasks = [(x, s, args.max_episode_steps) for x in solutions for s in seeds]
-                returns = []
-                for r in pool.imap(_controller_return, tasks, chunksize=max(1, args.rollouts_per_candidate // 2)):
-                    returns.append(r)
-                    if stop:
-                        pool.terminate()
-                        return False  # the generation is dropped; CMA-ES continues from its last tell
+                chunks = max(1, args.rollouts_per_candidate // 2)
+                returns = list(pool_results(pool.imap(_controller_return, tasks, chunksize=chunks), stop))
                 fitness = np.asarray(returns).reshape(len(solutions), -1).mean(1)
             es.tell(list(solutions), list(-fitness))  # CMA-ES minimises
             g = state["generation"] = state["generation"] + 1
@@ -619,7 +631,7 @@ def stage_controller(args: Args, vae: VAE, rnn: MDNRNN, state: dict, run_dir: st
             if stop:
                 return False
         if args.eval_episodes > 0 and state["eval_returns"] is None:
-            returns = evaluate(args, vae, rnn, state["best_params"], args.eval_episodes, pool)
+            returns = evaluate(args, state["best_params"], args.eval_episodes, pool, stop)
             state["eval_returns"] = returns
             for i, r in enumerate(returns):
                 writer.add_scalar("eval/episodic_return", r, i)
@@ -690,16 +702,19 @@ def main(args: Args):
         if missing:
             raise SystemExit(f"Stage '{stage}' needs the stage(s) {', '.join(missing)} first; run --stage all.")
         t0 = time.time()
-        if stage == "data":
-            finished = stage_data(args, run_dir, writer, stop)
-        elif stage == "vae":
-            vae.train()
-            finished = stage_vae(args, vae, vae_opt, state, run_dir, writer, device, stop, save)
-        elif stage == "mdnrnn":
-            finished = stage_mdnrnn(args, vae, rnn, rnn_opt, state, run_dir, writer, device, stop, save)
-        else:
-            vae.eval()
-            finished = stage_controller(args, vae, rnn, state, run_dir, writer, stop, save)
+        try:
+            if stage == "data":
+                finished = stage_data(args, run_dir, writer, stop)
+            elif stage == "vae":
+                vae.train()
+                finished = stage_vae(args, vae, vae_opt, state, run_dir, writer, device, stop, save)
+            elif stage == "mdnrnn":
+                finished = stage_mdnrnn(args, vae, rnn, rnn_opt, state, run_dir, writer, device, stop, save)
+            else:
+                vae.eval()
+                finished = stage_controller(args, vae, rnn, state, run_dir, writer, stop, save)
+        except Stopped:  # a generation or an evaluation cut short is dropped; CMA-ES continues from its last tell
+            finished = False
         if not finished:
             save()
             print(f"interrupted in stage {stage}; everything up to here is saved. Continue with --resume {run_dir}")
