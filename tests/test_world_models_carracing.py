@@ -202,3 +202,29 @@ def test_bad_inputs_get_one_sentence(tmp_path):
         out = run_script(SCRIPT, [*TINY, *extra], tmp_path)
         assert out.returncode != 0 and words in out.stderr and "Traceback" not in out.stderr, out.stderr
     assert not os.path.exists(tmp_path / "runs") or not os.listdir(tmp_path / "runs")
+
+
+def test_sigterm_to_the_whole_process_group_stops_the_controller_stage_cleanly(tmp_path):
+    """`timeout` and job control signal every process of the group, the rollout workers included; the run must
+    still save and exit 130 instead of waiting forever for the killed workers' results."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, SCRIPT, *TINY, "--generations", "1000"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        time.sleep(0.5)
+        path = glob.glob(str(tmp_path / "runs" / "*" / "checkpoint.pt"))
+        try:
+            if path and torch.load(path[0], weights_only=False)["state"]["generation"] >= 1:
+                break
+        except (EOFError, RuntimeError):  # caught mid-rename
+            continue
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted in stage controller" in out, out
+    state = checkpoint(only_run_dir(tmp_path))["state"]
+    assert state["done"] == ["data", "vae", "mdnrnn"] and state["generation"] >= 1
