@@ -1,6 +1,6 @@
 """Parts that several algorithm files each carry as their own copy (CONVENTIONS §1): the Gaussian RSSM of
-planet.py and dreamer_v1.py, and the conv decoder they share with dreamer_v2.py. The same tests run
-against every copy."""
+planet.py, dreamer_v1.py and plan2explore.py, the conv decoder they share with dreamer_v2.py, and Dreamer's
+V_λ. The same tests run against every copy."""
 
 import dataclasses
 
@@ -12,10 +12,13 @@ from gymnasium import spaces
 import tests.helpers  # noqa: F401  (puts algos/ on the path)
 import dreamer_v1  # noqa: E402
 import dreamer_v2  # noqa: E402
+import plan2explore  # noqa: E402
 import planet  # noqa: E402
 
-MODULES = [pytest.param(planet, id="planet"), pytest.param(dreamer_v1, id="dreamer_v1")]
+MODULES = [pytest.param(planet, id="planet"), pytest.param(dreamer_v1, id="dreamer_v1"),
+           pytest.param(plan2explore, id="plan2explore")]
 CONV_MODULES = [*MODULES, pytest.param(dreamer_v2, id="dreamer_v2")]
+LAMBDA_MODULES = [pytest.param(dreamer_v1, id="dreamer_v1"), pytest.param(plan2explore, id="plan2explore")]
 
 
 def tiny_wm(module, action_dim=2):
@@ -82,3 +85,36 @@ def test_conv_decoder_first_layer_as_a_matmul_equals_the_transposed_conv(module)
     as_conv = dec.net(dec.inp(feat).view(-1, 32 * 4, 1, 1))
     torch.testing.assert_close(dec(feat), as_conv, rtol=1e-4, atol=1e-5)
     assert dec(feat).shape == (2, 3, 64, 64)
+
+
+# V_λ, Eq. 6, in dreamer_v1.py and plan2explore.py --------------------------------------------------------------------------------------------
+def eq6(reward, value, discount, lambda_, tau):
+    """The paper's Eq. 6 literally: (1 − λ) Σ_{n=1}^{H−1} λ^{n−1} V_N^n + λ^{H−1} V_N^H over the k-step estimates
+    V_N^k(s_τ) = Σ_{n=τ}^{h−1} (Π discounts) r_n + (Π discounts) v(s_h), h = min(τ + k, H)."""
+    H = len(reward)
+
+    def v_n(k):
+        h, total, scale = min(tau + k, H - 1), 0.0, 1.0
+        for n in range(tau, h):
+            total += scale * reward[n]
+            scale *= discount[n]
+        return total + scale * value[h]
+
+    steps = H - 1 - tau
+    return (1 - lambda_) * sum(lambda_ ** (n - 1) * v_n(n) for n in range(1, steps)) + lambda_ ** (steps - 1) * v_n(steps)
+
+
+@pytest.mark.parametrize("discount, expected", [
+    # γ = 0.9 everywhere: V_3 = 3 + 0.9·40 = 39;  V_2 = 2 + 0.9 (0.5·30 + 0.5·39) = 33.05;
+    #                     V_1 = 1 + 0.9 (0.5·20 + 0.5·33.05) = 24.8725
+    ([0.9, 0.9, 0.9, 0.9], [24.8725, 33.05, 39.0]),
+    # s_2 predicted terminal (γ̂_2 = 0): V_2 = r_2 = 2;  V_1 = 1 + 0.9 (0.5·20 + 0.5·2) = 10.9
+    ([0.9, 0.0, 0.9, 0.9], [10.9, 2.0, 39.0]),
+])
+@pytest.mark.parametrize("module", LAMBDA_MODULES)
+def test_lambda_return_by_hand_on_a_4_step_toy(module, discount, expected):
+    reward, value = [1.0, 2.0, 3.0, 4.0], [10.0, 20.0, 30.0, 40.0]  # over s_1 … s_4
+    t = lambda x: torch.tensor(x)[:, None]  # noqa: E731
+    returns = module.lambda_return(t(reward), t(value), t(discount), lambda_=0.5)[:, 0]
+    np.testing.assert_allclose(returns.numpy(), expected, rtol=1e-6)
+    np.testing.assert_allclose(returns.numpy(), [eq6(reward, value, discount, 0.5, tau) for tau in range(3)], rtol=1e-6)

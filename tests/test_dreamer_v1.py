@@ -20,38 +20,7 @@ def tiny_args(**kw):
     return dataclasses.replace(d.Args(), **{**base, **kw})
 
 
-# V_λ, Eq. 6 --------------------------------------------------------------------------------------------
-def eq6(reward, value, discount, lambda_, tau):
-    """The paper's Eq. 6 literally: (1 − λ) Σ_{n=1}^{H−1} λ^{n−1} V_N^n + λ^{H−1} V_N^H over the k-step estimates
-    V_N^k(s_τ) = Σ_{n=τ}^{h−1} (Π discounts) r_n + (Π discounts) v(s_h), h = min(τ + k, H)."""
-    H = len(reward)
-
-    def v_n(k):
-        h, total, scale = min(tau + k, H - 1), 0.0, 1.0
-        for n in range(tau, h):
-            total += scale * reward[n]
-            scale *= discount[n]
-        return total + scale * value[h]
-
-    steps = H - 1 - tau
-    return (1 - lambda_) * sum(lambda_ ** (n - 1) * v_n(n) for n in range(1, steps)) + lambda_ ** (steps - 1) * v_n(steps)
-
-
-@pytest.mark.parametrize("discount, expected", [
-    # γ = 0.9 everywhere: V_3 = 3 + 0.9·40 = 39;  V_2 = 2 + 0.9 (0.5·30 + 0.5·39) = 33.05;
-    #                     V_1 = 1 + 0.9 (0.5·20 + 0.5·33.05) = 24.8725
-    ([0.9, 0.9, 0.9, 0.9], [24.8725, 33.05, 39.0]),
-    # s_2 predicted terminal (γ̂_2 = 0): V_2 = r_2 = 2;  V_1 = 1 + 0.9 (0.5·20 + 0.5·2) = 10.9
-    ([0.9, 0.0, 0.9, 0.9], [10.9, 2.0, 39.0]),
-])
-def test_lambda_return_by_hand_on_a_4_step_toy(discount, expected):
-    reward, value = [1.0, 2.0, 3.0, 4.0], [10.0, 20.0, 30.0, 40.0]  # over s_1 … s_4
-    t = lambda x: torch.tensor(x)[:, None]  # noqa: E731
-    returns = d.lambda_return(t(reward), t(value), t(discount), lambda_=0.5)[:, 0]
-    np.testing.assert_allclose(returns.numpy(), expected, rtol=1e-6)
-    np.testing.assert_allclose(returns.numpy(), [eq6(reward, value, discount, 0.5, tau) for tau in range(3)], rtol=1e-6)
-
-
+# V_λ (Eq. 6) is tested in test_copied_parts.py against every copy -------------------------------------
 def test_trajectory_weight_cuts_after_predicted_and_real_terminations():
     discount = torch.tensor([[0.9, 0.9], [0.5, 0.5], [0.0, 0.0], [0.9, 0.9]])
     weight = d.trajectory_weight(discount, torch.tensor([1.0, 0.0]))  # the second start is a real terminal state
