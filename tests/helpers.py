@@ -18,9 +18,14 @@ def script(name: str) -> str:
     return os.path.join(ALGOS, name)
 
 
+# One OpenMP thread per script: the tiny smoke configurations are made of small ops, which two threads on a
+# shared 2-core machine make many times slower whenever anything else runs (../shared/PERFORMANCE_TARGETS.md).
+SCRIPT_ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
 def run_script(path: str, args: list, cwd, timeout: int = 120) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, path, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run([sys.executable, path, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env=SCRIPT_ENV)
 
 
 def events(run_dir):
@@ -37,7 +42,8 @@ def only_run_dir(cwd) -> str:
 
 def start_and_terminate(path: str, args: list, cwd, settle: float = 1.0) -> tuple[int, str]:
     """Start the script, wait for its first checkpoint, SIGTERM it; returns (exit code, output)."""
-    proc = subprocess.Popen([sys.executable, path, *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen([sys.executable, path, *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=SCRIPT_ENV)
     deadline = time.time() + 60
     while time.time() < deadline and not glob.glob(str(cwd / "runs" / "*" / "checkpoint.pt")):
         time.sleep(0.5)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import checkpoint, events, only_run_dir, run_script, script, start_and_terminate
+from tests.helpers import SCRIPT_ENV, checkpoint, events, only_run_dir, run_script, script, start_and_terminate
 import world_models_carracing as wm  # noqa: E402  (algos/ is on the path through tests.helpers)
 
 SCRIPT = script("world_models_carracing.py")
@@ -212,7 +212,7 @@ def test_sigterm_to_the_whole_process_group_stops_the_controller_stage_cleanly(t
     import sys
     import time
 
-    proc = subprocess.Popen([sys.executable, SCRIPT, *TINY, "--generations", "1000"], cwd=tmp_path,
+    proc = subprocess.Popen([sys.executable, SCRIPT, *TINY, "--generations", "1000"], cwd=tmp_path, env=SCRIPT_ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     deadline = time.time() + 90
     while time.time() < deadline:
