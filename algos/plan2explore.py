@@ -353,7 +353,7 @@ class WorldModel(nn.Module):
 
 class Ensemble(nn.Module):
     """K one-step models (official one_step_model), all evaluated in one batched matmul per layer: each maps
-    (s_t, a_t) → the predicted embedding of o_{t+1}, through two ReLU layers of width·embed units with the
+    (s_t, a_t) → the predicted embedding of o_{t+1}, through two ReLU layers of `units` units with the
     action concatenated to the input of every layer."""
 
     def __init__(self, k: int, feat: int, action_dim: int, out: int, units: int):
@@ -527,6 +527,13 @@ def intrinsic_reward(ensemble: Ensemble, feats, actions):
     return disagreement(means).view(H, N)
 
 
+def task_reward(wm: WorldModel, feats, actions):
+    """The task reward that comes with each imagined state s_τ, τ = 1 … H: the reward head's r̂(s_τ) (the reward
+    returned together with an observation is predicted from its own state, as in world_model_loss).
+    feats (H+1, N, F) → (H, N); the actions are not needed."""
+    return wm.reward(feats[1:]).squeeze(-1).float()
+
+
 class RunningMagnitude:
     """A running mean of |x| (momentum 0.99) that rewards are divided by when --normalize-intrinsic is on."""
 
@@ -576,7 +583,7 @@ def train_update(nets: dict, opts: dict, batch: dict, args: Args, updates: int, 
     optimizer_step(opts["ensemble"], loss_ens, ensemble, args.grad_clip)
     metrics["ensemble_loss"] = loss_ens
     start = {k: v.detach().flatten(0, 1) for k, v in post.items()}
-    behaviours = [("task", lambda feats, actions: wm.reward(feats[1:]).squeeze(-1).float())]
+    behaviours = [("task", lambda feats, actions: task_reward(wm, feats, actions))]
     if explore:
         def explore_reward(feats, actions):
             r = intrinsic_reward(ensemble, feats, actions)
@@ -607,8 +614,7 @@ def task_update(nets: dict, opts: dict, batch: dict, args: Args, updates: int, s
     start = {k: v.flatten(0, 1) for k, v in post.items()}
     with torch.autocast(batch["obs"].device.type, dtype=torch.bfloat16, enabled=args.bf16):
         loss_actor, loss_value, m = behaviour_losses(wm, nets["task_actor"], nets["task_value"], start,
-                                                     lambda feats, actions: wm.reward(feats[1:]).squeeze(-1).float(),
-                                                     args)
+                                                     lambda feats, actions: task_reward(wm, feats, actions), args)
     check_finite({"task_actor_loss": loss_actor, "task_value_loss": loss_value}, updates, save)
     optimizer_step(opts["task_actor"], loss_actor, nets["task_actor"], args.grad_clip)
     optimizer_step(opts["task_value"], loss_value, nets["task_value"], args.grad_clip)

@@ -24,8 +24,8 @@ Deviations from the paper / official code (nicklashansen/tdmpc):
     trajectory by its score (without noise). Executed actions are clipped to [-1, 1].
  4. Pixels: 64x64 frames (the project's size; the paper uses 84x84), random shifts of ±3 pixels (the official
     pad is img_size/21), frames stacked 3 by gymnasium's FrameStackObservation and stored stacked.
- 5. TD-MPC has no observation decoder, so there is no open-loop video (media/openloop); the model's open-loop
-    quality is logged as the consistency and reward losses at each of the H steps.
+ 5. TD-MPC has no observation decoder, so there is no open-loop video (media/openloop); the model's multi-step
+    quality shows in the consistency and reward losses, which are summed over the H steps of each window.
  6. The `small` preset (CPU) is ours: MLPs of 256, batch 256, MPPI with 256 samples, 32 elites, 4 iterations,
     1,000 seed steps, schedules over 5,000 steps.
 """
@@ -397,23 +397,27 @@ def told_loss(model: TOLD, target: TOLD, batch: dict, weights, args: Args, aug_p
         next_z_target = target.h(next_aug).view(H, -1, args.latent_dim).float()
         y = td_target(model, target, next_aug, batch["reward"].flatten(), batch["terminated"].flatten(), args.discount,
                       args.min_std).view(H, -1)
-    rho = (args.rho ** torch.arange(H, device=q1.device, dtype=torch.float32))[:, None] * batch["alive"][:H]  # (H, B)
-    consistency = (z_seq[1:].float() - next_z_target).pow(2).mean(-1)
-    reward_err = (reward_pred - batch["reward"]).pow(2)
-    value_err = (q1 - y).pow(2) + (q2 - y).pow(2)
-    per_sample = (args.consistency_coef * (rho * consistency).sum(0).clamp(max=1e4)
-                  + args.reward_coef * (rho * reward_err).sum(0).clamp(max=1e4)
-                  + args.value_coef * (rho * value_err).sum(0).clamp(max=1e4))
+    rho = rho_weights(args.rho, batch["alive"][:H])
+    consistency = (rho * (z_seq[1:].float() - next_z_target).pow(2).mean(-1)).sum(0)  # (B,): Σ_t ρ^t · term_t
+    reward_err = (rho * (reward_pred - batch["reward"]).pow(2)).sum(0)
+    value_err = (rho * ((q1 - y).pow(2) + (q2 - y).pow(2))).sum(0)
+    per_sample = (args.consistency_coef * consistency.clamp(max=1e4) + args.reward_coef * reward_err.clamp(max=1e4)
+                  + args.value_coef * value_err.clamp(max=1e4))
     loss = (per_sample * weights).mean() / H
     priority = (rho * ((q1 - y).abs() + (q2 - y).abs())).sum(0).clamp(max=1e4).detach()
-    metrics = dict(consistency_loss=(rho * consistency).sum(0).mean(), reward_loss=(rho * reward_err).sum(0).mean(),
-                   value_loss=(rho * value_err).sum(0).mean(), total_loss=loss)
+    metrics = dict(consistency_loss=consistency.mean(), reward_loss=reward_err.mean(), value_loss=value_err.mean(),
+                   total_loss=loss)
     return loss, priority, z_seq.detach(), metrics
+
+
+def rho_weights(rho: float, alive):
+    """ρ^t for the rows t = 0, 1, … of `alive` (T, B), zero where the window has ended at a terminal state."""
+    return (rho ** torch.arange(alive.shape[0], device=alive.device, dtype=torch.float32))[:, None] * alive
 
 
 def policy_loss(model: TOLD, zs, alive, args: Args):
     """L_π = −Σ_t ρ^t min_i Q_θi(z_t, π_θ(z_t)) over the window's latents (sg), Q frozen (Section 3.2)."""
-    rho = (args.rho ** torch.arange(zs.shape[0], device=zs.device, dtype=torch.float32))[:, None] * alive
+    rho = rho_weights(args.rho, alive)
     q1, q2 = model.Q(zs, model.policy(zs, args.min_std))
     return -(rho * torch.min(q1, q2).squeeze(-1).float()).sum(0).mean()
 
@@ -606,8 +610,9 @@ def main(args: Args):
         target.load_state_dict(ckpt["target"])
         opt.load_state_dict(ckpt["opt"])
         pi_opt.load_state_dict(ckpt["pi_opt"])
-        global_step, agent_steps, updates, episodes, last_return = (
-            ckpt["global_step"], ckpt["agent_steps"], ckpt["updates"], ckpt["episodes"], ckpt.get("last_return"))
+        global_step, updates, episodes, last_return = (ckpt["global_step"], ckpt["updates"], ckpt["episodes"],
+                                                       ckpt.get("last_return"))
+        agent_steps = global_step // args.action_repeat  # every agent step adds action_repeat env steps
         rows = replay.load()
         replay.rng.bit_generator.state = ckpt["replay_rng"]
         if (replay.size, replay.next) == (ckpt["replay_size"], ckpt["replay_next"]):
@@ -625,7 +630,7 @@ def main(args: Args):
         if args.save_model:
             save_checkpoint(ckpt_path, dict(
                 model=model.state_dict(), target=target.state_dict(), opt=opt.state_dict(), pi_opt=pi_opt.state_dict(),
-                global_step=global_step, agent_steps=agent_steps, updates=updates, episodes=episodes,
+                global_step=global_step, updates=updates, episodes=episodes,
                 last_return=last_return, priority=windows.priority[: replay.size].copy(), replay_size=replay.size,
                 replay_next=replay.next, replay_rng=replay.rng.bit_generator.state, args=vars(args)))
         return ckpt_path

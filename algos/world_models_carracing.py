@@ -86,7 +86,7 @@ class Args:
     bf16: bool = False
     """bf16 autocast for V's and M's forward passes while training them; losses and optimizer state stay fp32"""
     capture_video: bool = False
-    """record the final evaluation's first episode to runs/<run>/videos"""
+    """record one episode of the best controller to runs/<run>/videos at the end of the controller stage"""
     save_model: bool = True
     """write runs/<run>/checkpoint.pt during and after each stage"""
     resume: str | None = None
@@ -637,6 +637,10 @@ def stage_controller(args: Args, vae: VAE, rnn: MDNRNN, state: dict, run_dir: st
                 writer.add_scalar("eval/episodic_return", r, i)
             print(f"eval: best controller {np.mean(returns):.1f} ± {np.std(returns):.1f} over {len(returns)} episodes")
             save()
+    if args.capture_video:  # one episode of the best controller, rendered, in this process
+        env = make_env(args.env_id, args.seed, capture_video=True, video_dir=os.path.join(run_dir, "videos"))
+        run_controller(env, vae.cpu(), rnn.cpu(), state["best_params"], 10_000 + args.seed * 1_000, 10**9)
+        env.close()
     return True
 
 

@@ -20,6 +20,19 @@ def tiny_args(**kw):
                                horizon=4, **kw)
 
 
+def tiny_wm(args):
+    torch.manual_seed(0)
+    return p2e.WorldModel(spaces.Box(-1, 1, (5,), np.float32), 2, args)
+
+
+def toy_batch(B=2, T=6):
+    """Random vectors (5-dim), actions and rewards; every sequence starts an episode."""
+    batch = dict(obs=torch.randn(B, T, 5), action=torch.rand(B, T, 2) * 2 - 1, reward=torch.randn(B, T),
+                 is_first=torch.zeros(B, T, dtype=torch.bool), terminated=torch.zeros(B, T, dtype=torch.bool))
+    batch["is_first"][:, 0] = True
+    return batch
+
+
 def test_disagreement_is_the_per_dimension_variance_of_the_ensemble_means_averaged():
     means = torch.tensor([[[1.0, 0.0, 2.0]], [[3.0, 0.0, 2.0]], [[2.0, 3.0, 2.0]]])  # K 3, N 1, d 3
     # dimension 0: mean 2, unbiased variance (1 + 1 + 0) / 2 = 1; dimension 1: mean 1, (1 + 1 + 4) / 2 = 3; dim 2: 0
@@ -42,13 +55,10 @@ def test_ensemble_members_differ_and_see_the_action_at_every_layer():
 
 def test_ensemble_loss_pairs_s_t_and_a_t_with_the_next_embedding_and_sends_no_gradient_to_the_world_model():
     args = tiny_args()
-    torch.manual_seed(0)
-    wm = p2e.WorldModel(spaces.Box(-1, 1, (5,), np.float32), 2, args)
+    wm = tiny_wm(args)
     ens = p2e.Ensemble(3, wm.feat_dim, 2, wm.embed_dim, 8)
     B, T = 2, 6
-    batch = dict(obs=torch.randn(B, T, 5), action=torch.rand(B, T, 2) * 2 - 1, reward=torch.randn(B, T),
-                 is_first=torch.zeros(B, T, dtype=torch.bool), terminated=torch.zeros(B, T, dtype=torch.bool))
-    batch["is_first"][:, 0] = True
+    batch = toy_batch(B, T)
     batch["is_first"][0, 3] = True  # a reset inside sequence 0: the transition 2 → 3 must not be trained on
     _, post, embed, _ = p2e.world_model_loss(wm, batch, args)
     feat = p2e.feature(post)
@@ -70,8 +80,7 @@ def test_ensemble_loss_pairs_s_t_and_a_t_with_the_next_embedding_and_sends_no_gr
 
 def test_the_intrinsic_reward_of_s_tau_is_the_disagreement_about_the_transition_into_it():
     args = tiny_args()
-    torch.manual_seed(0)
-    wm = p2e.WorldModel(spaces.Box(-1, 1, (5,), np.float32), 2, args)
+    wm = tiny_wm(args)
     actor = p2e.Actor(wm.feat_dim, 2, 8, 5.0, 5.0)
     ens = p2e.Ensemble(3, wm.feat_dim, 2, wm.embed_dim, 8)
     start = wm.rssm.initial(4, "cpu")
@@ -82,6 +91,35 @@ def test_the_intrinsic_reward_of_s_tau_is_the_disagreement_about_the_transition_
     for tau in range(1, args.horizon + 1):  # reward[τ−1] comes with s_τ: D(s_{τ−1}, a_{τ−1})
         torch.testing.assert_close(reward[tau - 1], p2e.disagreement(ens(feats[tau - 1], actions[tau - 1])))
     assert not torch.allclose(reward[1], p2e.disagreement(ens(feats[2], actions[1])))
+
+
+def test_the_task_reward_of_s_tau_is_the_reward_head_at_s_tau():
+    args = tiny_args()
+    wm = tiny_wm(args)
+    feats = torch.randn(args.horizon + 1, 3, wm.feat_dim)  # s_0 … s_H
+    reward = p2e.task_reward(wm, feats, None)
+    assert reward.shape == (args.horizon, 3)
+    for tau in range(1, args.horizon + 1):
+        torch.testing.assert_close(reward[tau - 1], wm.reward(feats[tau]).squeeze(-1))
+    assert not torch.allclose(reward[0], wm.reward(feats[0]).squeeze(-1))
+
+
+def test_the_reward_head_reads_the_posterior_of_its_own_row_and_never_shapes_the_representation():
+    args = tiny_args()
+    wm = tiny_wm(args)
+    B, T = 2, 6
+    batch = toy_batch(B, T)
+    torch.manual_seed(1)
+    _, post, _, metrics = p2e.world_model_loss(wm, batch, args)
+    r_hat = wm.reward(p2e.feature(post)).squeeze(-1)
+    by_hand = 0.5 * (r_hat - batch["reward"]).pow(2).mean()  # r_t, returned with o_t, against r̂(s_t)
+    shifted = 0.5 * (r_hat[:, :-1] - batch["reward"][:, 1:]).pow(2).mean()
+    assert metrics["reward_loss"].item() == pytest.approx(by_hand.item(), rel=1e-5)
+    assert metrics["reward_loss"].item() != pytest.approx(shifted.item(), rel=1e-3)
+    wm.zero_grad()
+    metrics["reward_loss"].backward()
+    assert all(p.grad is None for n, p in wm.named_parameters() if not n.startswith("reward."))
+    assert all(p.grad is not None for p in wm.reward.parameters())
 
 
 def test_disagreement_is_higher_on_inputs_the_ensemble_was_not_trained_on():

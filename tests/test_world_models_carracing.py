@@ -131,6 +131,43 @@ def test_controller_has_867_parameters_and_maps_z_h_to_valid_actions():
     assert wm.controller_action(params, torch.zeros(1, 32), h)[0, 0].item() == pytest.approx(np.tanh(0.7), rel=1e-6)
 
 
+class ThreeStepEnv:
+    """Three random frames, reward 1 per step, ends after the third step; records the actions it receives."""
+
+    def __init__(self):
+        self.frames = np.random.default_rng(0).integers(0, 256, (4, 3, 64, 64), dtype=np.uint8)
+        self.actions, self.t = [], 0
+
+    def reset(self, seed=None):
+        self.t = 0
+        return self.frames[0], {}
+
+    def step(self, action):
+        self.actions.append(np.array(action))
+        self.t += 1
+        return self.frames[self.t], 1.0, self.t == 3, False, {}
+
+
+def test_the_controller_reads_h_t_before_m_sees_z_t_and_a_t():
+    torch.manual_seed(0)
+    vae, rnn = wm.VAE(8), wm.MDNRNN(8, 3, 6, 2)
+    with torch.no_grad():  # z = μ: make V's posterior a point so the expected actions can be recomputed
+        vae.logvar.weight.zero_()
+        vae.logvar.bias.fill_(-60.0)
+    params = np.random.default_rng(1).standard_normal(wm.controller_size(8, 6)).astype(np.float32)
+    env = ThreeStepEnv()
+    assert wm.run_controller(env, vae, rnn, params, 0, 100) == 3.0
+    with torch.no_grad():
+        z = vae.encode(wm.frames_to_tensor(env.frames[:3]))[0]  # z_0, z_1, z_2
+        a0 = wm.controller_action(params, z[:1], torch.zeros(1, 6))  # h_0 = 0
+        h1 = rnn.lstm(torch.cat([z[:1], a0], -1)[:, None])[0][:, 0]  # h_1 = LSTM(z_0, a_0)
+        a1 = wm.controller_action(params, z[1:2], h1)
+        h2 = rnn.lstm(torch.cat([z[:2], torch.cat([a0, a1])], -1)[None])[0][:, 1]  # h_2 = LSTM(z_1, a_1 | h_1)
+        a2 = wm.controller_action(params, z[2:3], h2)
+    np.testing.assert_allclose(np.stack(env.actions), torch.cat([a0, a1, a2]).numpy(), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(env.actions[1], wm.controller_action(params, z[1:2], torch.zeros(1, 6))[0].numpy())
+
+
 def test_dream_rollouts_sum_predicted_rewards_until_predicted_done():
     rnn = wm.MDNRNN(4, 3, 8, 2, reward_done=True)
     params = np.zeros((3, wm.controller_size(4, 8)), np.float32)
