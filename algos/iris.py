@@ -295,6 +295,9 @@ class Decoder(nn.Module):
         return self.net(x)
 
 
+CHUNK = 64  # frames per conv pass of the tokenizer (without gradient, or per accumulated micro-batch)
+
+
 class Tokenizer(nn.Module):
     """Frames in [0, 1] (N, C, H, W) <-> K tokens each. Internally frames live in [-1, 1] as officially."""
 
@@ -326,13 +329,18 @@ class Tokenizer(nn.Module):
         # contiguous NCHW, not channels-last: PyTorch's CPU GroupNorm backward on channels-last bf16 took 55% of
         # the tokenizer update (2.9 s vs 1.8 s per 32 frames at the paper size)
         x = frames.reshape(-1, *frames.shape[-3:]).mul(2).sub(1).contiguous()
-        z = self.pre_quant(self.encoder(x))
+        if torch.is_grad_enabled():
+            z = self.pre_quant(self.encoder(x))
+        else:  # in chunks: the same result, and on a CPU 1.6× faster at the paper size (activations stay in cache)
+            z = torch.cat([self.pre_quant(self.encoder(c)) for c in x.split(CHUNK)])
         tokens, z_q = self.quantize(z)
         return z, z_q, tokens.view(*lead, -1)
 
     def decode(self, z_q):
         """z_q (N, E, h, w) -> frames in [-1, 1] (N, C, H, W)."""
-        return self.decoder(self.post_quant(z_q.contiguous()))
+        if torch.is_grad_enabled():
+            return self.decoder(self.post_quant(z_q.contiguous()))
+        return torch.cat([self.decoder(self.post_quant(c.contiguous())) for c in z_q.split(CHUNK)])
 
     def decode_tokens(self, tokens):
         """tokens (..., K) -> frames in [0, 1] (..., C, H, W)."""
@@ -365,6 +373,24 @@ def tokenizer_loss(tokenizer: Tokenizer, frames, lpips=None) -> tuple[torch.Tens
         loss = loss + perceptual
         metrics["perceptual_loss"] = perceptual
     return loss, metrics
+
+
+def tokenizer_update(tokenizer: Tokenizer, opt, frames, clip: float, autocast, lpips=None, check=lambda losses: None) -> dict:
+    """One tokenizer step on `frames`, forward/backward in micro-batches of CHUNK frames with the gradients of
+    their size-weighted losses summed: the gradient of the whole batch's mean loss, in one Adam step (on a CPU
+    1.6× faster at batch 256 than one pass; the official code has the same option as grad_acc_steps)."""
+    opt.zero_grad(set_to_none=True)
+    sums = {}
+    for chunk in frames.split(CHUNK):
+        with autocast:
+            loss, metrics = tokenizer_loss(tokenizer, chunk, lpips)
+        check({"tokenizer_loss": loss})
+        (loss * len(chunk) / len(frames)).backward()
+        for k, v in {"loss": loss, **metrics}.items():
+            sums[k] = sums.get(k, 0.0) + float(v.detach()) * len(chunk) / len(frames)
+    sums["grad_norm"] = float(nn.utils.clip_grad_norm_(tokenizer.parameters(), clip))
+    opt.step()
+    return sums
 
 
 class LPIPS(nn.Module):
@@ -897,11 +923,10 @@ def main(args: Args):
         spans = episode_spans(replay)
         if component == "tokenizer":
             data = sample_segments(replay, spans, args.tokenizer_batch, 1, from_start=True)
-            batch = to_batch(data, args.resolution, device)
-            with autocast:
-                loss, metrics = tokenizer_loss(tokenizer, batch["frames"][:, 0], lpips)
-            module = tokenizer
-        elif component == "world_model":
+            frames = to_batch(data, args.resolution, device)["frames"][:, 0]
+            return tokenizer_update(tokenizer, opts["tokenizer"], frames, args.grad_clip, autocast, lpips,
+                                    lambda losses: check_finite(losses, updates, save))
+        if component == "world_model":
             batch = to_batch(sample_segments(replay, spans, args.world_model_batch, args.max_blocks, True), args.resolution, device)
             with autocast:
                 loss, metrics = world_model_loss(tokenizer, wm, batch)

@@ -6,7 +6,8 @@ measured on the real functions of algos/iris.py.
 
 Process CPU time with torch.set_num_threads(1) (../shared/PERFORMANCE_TARGETS.md), median over `repeats`
 after `warmup` calls, on random uint8 frames shaped like the env's. One update = loss, backward, clip, Adam
-step: the tokenizer on `tokenizer_batch` frames (L1 + codebook + commitment, no perceptual loss); the world
+step: the tokenizer on `tokenizer_batch` frames (L1 + codebook + commitment, no perceptual loss; `tokenizer_update`,
+in micro-batches of 64 frames); the world
 model on `world_model_batch` × `max_blocks` steps, including the no-grad tokenizer encode; the actor-critic on
 `actor_critic_batch` trajectories (burn-in of `burn_in` reconstructed frames, `horizon` imagined steps, each
 K + 1 transformer passes and one decode). Imagination speed: frames per second of `DreamEnv.step` at the
@@ -54,10 +55,7 @@ def main():
                                end=np.zeros((b, length), bool), mask=np.ones((b, length), bool)), args.resolution, "cpu")
 
     def tokenizer_update(_):
-        frames = batch(args.tokenizer_batch, 1)["frames"][:, 0]
-        with autocast:
-            loss, _ = I.tokenizer_loss(tok, frames)
-        I.optimizer_step(opts["tok"], loss, tok, args.grad_clip)
+        I.tokenizer_update(tok, opts["tok"], batch(args.tokenizer_batch, 1)["frames"][:, 0], args.grad_clip, autocast)
 
     def world_model_update(_):
         b = batch(args.world_model_batch, args.max_blocks)

@@ -56,6 +56,31 @@ def test_straight_through_sends_the_reconstruction_gradient_to_the_encoder_and_e
     assert g_enc.abs().sum() > 0 and (g_book is None or g_book.abs().sum() == 0)
 
 
+def test_tokenizer_update_in_micro_batches_takes_the_gradient_of_the_whole_batch(monkeypatch):
+    torch.manual_seed(0)
+    frames = torch.rand(5, 3, 16, 16)
+    tok = I.Tokenizer(3, tiny_args())
+    loss, _ = I.tokenizer_loss(tok, frames)
+    full = torch.autograd.grad(loss, list(tok.parameters()), allow_unused=True)
+    monkeypatch.setattr(I, "CHUNK", 2)  # chunks of 2, 2 and 1 frames
+    opt = torch.optim.SGD(tok.parameters(), lr=0.0)
+    metrics = I.tokenizer_update(tok, opt, frames, clip=1e9, autocast=torch.autocast("cpu", enabled=False))
+    for g, p in zip(full, tok.parameters()):
+        if g is not None:
+            torch.testing.assert_close(p.grad, g, atol=1e-6, rtol=1e-4)
+    np.testing.assert_allclose(metrics["loss"], float(loss), rtol=1e-5)
+
+
+def test_chunked_encoding_without_gradient_equals_one_pass(monkeypatch):
+    torch.manual_seed(0)
+    tok = I.Tokenizer(3, tiny_args()).eval()
+    frames = torch.rand(5, 3, 16, 16)
+    with torch.no_grad():
+        one = tok.encode_decode(frames)
+        monkeypatch.setattr(I, "CHUNK", 2)
+        torch.testing.assert_close(tok.encode_decode(frames), one)
+
+
 def test_paper_tokenizer_makes_16_tokens_per_64x64_frame_and_decodes_back_to_the_frame_shape():
     tok = I.Tokenizer(3, I.Args())  # 64×64, five levels, attention at 16 and 8
     assert tok.tokens_per_frame == 16
