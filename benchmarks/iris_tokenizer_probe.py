@@ -1,0 +1,49 @@
+"""What an IRIS run's tokenizer keeps of its frames: distinct tokens per grid position and, for binary frames
+(MinAtar), the share of each channel's 'on' pixels that the reconstruction gets wrong.
+
+    python benchmarks/iris_tokenizer_probe.py benchmarks/runs/<MinAtar run>
+
+A tokenizer whose tokens do not change from frame to frame at a position has collapsed: the world model then
+predicts its tokens perfectly (world_model/token_accuracy → 1) while imagining nothing that moves.
+"""
+
+import dataclasses
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "algos"))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import iris as I  # noqa: E402
+import torch  # noqa: E402
+
+from common.replay import Replay  # noqa: E402
+
+
+def main():
+    run = sys.argv[1]
+    ckpt = torch.load(os.path.join(run, "checkpoint.pt"), map_location="cpu", weights_only=False)
+    saved = {k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["args"].items()}
+    args = dataclasses.replace(I.Args(), **saved)
+    replay = Replay(10**7)
+    replay.load(os.path.join(run, "episodes"))
+    obs = torch.as_tensor(replay.data["obs"][:replay.size:7][:1000])
+    tok = I.Tokenizer(obs.shape[1], args)
+    tok.load_state_dict(ckpt["tokenizer"])
+    tok.eval()
+    frames = I.to_frames(obs, args.resolution)
+    with torch.no_grad():
+        tokens = tok.encode(frames)[2]
+        recon = tok.encode_decode(frames)
+    per_position = [tokens[:, i].unique().numel() for i in range(tokens.shape[1])]
+    print(f"{len(frames)} frames, epoch {ckpt['epoch']}: {tokens.unique().numel()} distinct tokens; per position {per_position}")
+    print(f"L1 error in [0, 1]: {(recon - frames).abs().mean():.4f}")
+    on = frames > 0.5
+    wrong = (recon > 0.5) != on
+    for c in range(frames.shape[1]):
+        if on[:, c].any():
+            print(f"channel {c}: {on[:, c].float().mean():.3%} of pixels on, {(wrong[:, c] & on[:, c]).sum() / on[:, c].sum():.1%} of them wrong")
+
+
+if __name__ == "__main__":
+    main()
