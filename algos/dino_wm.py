@@ -36,6 +36,9 @@ Deviations from the paper / official code (gaoyuezhou/dino_wm):
     512), encoder features computed once for the whole dataset (the encoder is frozen, so this equals the
     per-batch encoding), CEM with 100 samples, 10 elites and 5 iterations, at most 3 replans, 20 episodes.
  6. `total_timesteps` counts the environment steps of the generated dataset (episodes × episode_length).
+ 7. Choices where the official configs differ between files: the proprio weight α of the planning cost is 0.1
+    (the training config's planning evaluations use 0.1 and 1; one planning config uses 0); every trained
+    part uses AdamW with PyTorch's default weight decay; proprio and action embeddings have 10 dims each.
 """
 
 # Imports
