@@ -311,7 +311,13 @@ class Attention(nn.Module):
     def forward(self, x, mask):
         b, n, _ = x.shape
         q, k, v = self.to_qkv(self.norm(x)).view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        if self.training and self.dropout > 0:
+            # softmax(q kᵀ/√d + mask) with dropout, written out: PyTorch's CPU attention with dropout is unfused and
+            # upcasts to fp32, and took most of a paper-size training step
+            att = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+            out = F.dropout(att.masked_fill(~mask, float("-inf")).softmax(-1), self.dropout) @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.to_out(out.transpose(1, 2).reshape(b, n, -1))
 
 

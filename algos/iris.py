@@ -459,8 +459,13 @@ class SelfAttention(nn.Module):
         b, n, e = x.shape
         q, k, v = (t.view(b, n, self.heads, e // self.heads).transpose(1, 2) for t in self.qkv(x).chunk(3, -1))
         drop = self.attn_drop if self.training else 0.0
-        if cache is None:  # a whole sequence: causal mask
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=True)
+        if cache is None and drop > 0:  # a whole sequence in training: causal mask, dropout on the probabilities
+            # written out: PyTorch's CPU attention with dropout is unfused and upcasts to fp32 (most of an update)
+            att = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)
+            causal = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
+            out = F.dropout(att.masked_fill(~causal, float("-inf")).softmax(-1), drop) @ v
+        elif cache is None:  # a whole sequence: causal mask
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:  # n new tokens after cache["size"] cached ones: write their keys/values, attend to all so far
             past = cache["size"]
             if layer not in cache["k"]:

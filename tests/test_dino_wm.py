@@ -53,6 +53,20 @@ def test_changing_a_later_frame_changes_no_prediction_for_earlier_frames():
     assert not torch.allclose(a[:, 1, 0], c[:, 1, 0])
 
 
+def test_frame_causality_holds_in_training_with_dropout():
+    wm, _ = tiny_model(dropout=0.5)
+    wm.train()
+    z = torch.randn(2, 3, 4, wm.predictor.pos_embedding.shape[-1])
+    changed = z.clone()
+    changed[:, 2] += 1.0
+    torch.manual_seed(1)
+    a = wm.predictor(z)
+    torch.manual_seed(1)  # the same dropout masks
+    b = wm.predictor(changed)
+    torch.testing.assert_close(a[:, :2], b[:, :2])
+    assert not torch.allclose(a[:, 2], b[:, 2])
+
+
 def test_proprio_and_action_embeddings_are_concatenated_to_every_patch_of_their_own_frame():
     wm, args = tiny_model()
     wm.proprio_mean.fill_(0.5), wm.proprio_std.fill_(2.0)

@@ -148,6 +148,22 @@ def test_causal_mask_hides_future_tokens():
     assert not torch.allclose(a[1][:, 1:], b[1][:, 1:])
 
 
+def test_causal_mask_holds_in_training_with_attention_dropout():
+    torch.manual_seed(0)
+    wm = I.WorldModel(4, 3, tiny_args(dropout=0.1, attn_dropout=0.5)).train()
+    tokens = blocks(wm)
+    changed = tokens.clone()
+    changed[:, 8] = (changed[:, 8] + 1) % 16
+    torch.manual_seed(1)
+    a = wm(tokens)
+    torch.manual_seed(1)  # the same dropout masks
+    b = wm(changed)
+    torch.testing.assert_close(a[0][:, :7], b[0][:, :7])
+    assert not torch.allclose(a[0][:, 7:], b[0][:, 7:])
+    torch.manual_seed(1)
+    assert not torch.allclose(wm(tokens)[0], wm.eval()(tokens)[0])  # dropout is on in training
+
+
 def test_reward_and_termination_heads_read_the_action_token_of_their_own_step():
     torch.manual_seed(0)
     wm = I.WorldModel(4, 3, tiny_args()).eval()
