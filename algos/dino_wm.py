@@ -519,7 +519,10 @@ def plan_episode(wm: WorldModel, env, goal_state, goal_obs, obs, args: Args, dev
     a_dim = env.action_dim * args.frameskip
     low = ((-1 - wm.action_mean) / wm.action_std).to(device)
     high = ((1 - wm.action_mean) / wm.action_std).to(device)
-    as_t = lambda x: torch.as_tensor(np.asarray(x), device=device)[None]  # noqa: E731
+
+    def as_t(x):
+        return torch.as_tensor(np.asarray(x), device=device)[None]
+
     with torch.no_grad():  # the goal is encoded once per episode
         z_goal = wm.latent(wm.encode_frames(as_t(goal_obs[0]))[:, None], as_t(goal_obs[1])[:, None],
                            torch.zeros(1, 1, a_dim, device=device))[:, 0]
@@ -531,8 +534,10 @@ def plan_episode(wm: WorldModel, env, goal_state, goal_obs, obs, args: Args, dev
             with torch.no_grad():  # the start frame is encoded once per replan, then repeated for every sample
                 feats = wm.encode_frames(as_t(obs[0]))[:, None]
                 z0 = wm.latent(feats, as_t(obs[1])[:, None], torch.zeros(1, 1, a_dim, device=device))
-                cost = lambda acts: planning_cost(  # noqa: E731
-                    wm, rollout(wm, z0.expand(len(acts), -1, -1, -1), acts)[:, -1], z_goal, args.alpha)
+
+                def cost(acts):  # the final predicted latent of each sampled sequence against the goal
+                    return planning_cost(wm, rollout(wm, z0.expand(len(acts), -1, -1, -1), acts)[:, -1], z_goal, args.alpha)
+
                 mu = cem(cost, args.horizon, a_dim, args.samples, args.elites, iters, args.var_scale, low, high)
             plan = (mu * wm.action_std + wm.action_mean).clamp(-1, 1).cpu().numpy()[:args.execute_steps]
         for group in plan:
