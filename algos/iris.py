@@ -37,7 +37,9 @@ Deviations from the paper / official code (eloialonso/iris):
     path doubled the world-model update); horizon and burn-in 20 as in the paper; 20 updates of each component
     per 200-step epoch instead of 200, with learning rate 3e-4 instead of 1e-4 and 32 imagined trajectories
     per actor-critic batch instead of 64 (at 1e-4, 10 updates of 64 per epoch, the policy's entropy had moved
-    from 1.099 to 1.071 after 14 epochs). The actor-critic's CNN keeps the official 4×4×64 = 1024 features by using log2(res/4) conv+pool
+    from 1.099 to 1.071 after 14 epochs). Known limit: on MinAtar Breakout this preset does not learn, because
+    the tokenizer collapses on its one-pixel paddle and ball (every grid position keeps one token; see
+    benchmarks/RESULTS.md and benchmarks/iris_tokenizer_probe.py). The paper's Atari frames are dense. The actor-critic's CNN keeps the official 4×4×64 = 1024 features by using log2(res/4) conv+pool
     layers (4 at 64×64, 2 at 16×16).
  6. `total_timesteps` counts env frames (400k = Atari 100k's 100k agent steps × frame skip 4) as every
     file here does; `final_epochs` are the official epochs 501–600, which train without collecting.
