@@ -384,15 +384,12 @@ class WorldModel(nn.Module):
         each patch ⊕ the frame's proprio embedding ⊕ the frame's action embedding."""
         p = feats.shape[2]
         e_p = self.proprio_encoder((proprio - self.proprio_mean) / self.proprio_std)
-        e_a = self.embed_action((action - self.action_mean) / self.action_std)
+        e_a = self.action_encoder((action - self.action_mean) / self.action_std)
         return torch.cat([feats, e_p[:, :, None].expand(-1, -1, p, -1), e_a[:, :, None].expand(-1, -1, p, -1)], -1)
-
-    def embed_action(self, normalized_action):
-        return self.action_encoder(normalized_action)
 
     def with_action(self, z, normalized_action):
         """Replace the action part of z (B, T, P, D) by the embedding of normalised actions (B, T, A·f)."""
-        e_a = self.embed_action(normalized_action)
+        e_a = self.action_encoder(normalized_action)
         return torch.cat([z[..., :-self.act_dim], e_a[:, :, None].expand(-1, -1, z.shape[2], -1)], -1)
 
     def decode(self, feats):
@@ -607,12 +604,10 @@ def main(args: Args):
                   "pre-trained features, and results are not the paper's (deviation 1)")
     patches = (args.image_size // 14) ** 2
     wm = WorldModel(encoder, env.proprio_dim, env.action_dim, patches, args).to(device)
-    trained = [p for n, p in wm.named_parameters() if not n.startswith("encoder.")]
     groups = [dict(params=list(wm.predictor.parameters()), lr=args.predictor_lr),
               dict(params=list(wm.action_encoder.parameters()) + list(wm.proprio_encoder.parameters()), lr=args.encoder_lr)]
     if wm.decoder is not None:
         groups.append(dict(params=list(wm.decoder.parameters()), lr=args.decoder_lr))
-    assert sum(len(g["params"]) for g in groups) == len(trained)
     opt = torch.optim.AdamW(groups)
     updates, results = 0, []
     ckpt_path = os.path.join(run_dir, "checkpoint.pt")
@@ -650,14 +645,16 @@ def main(args: Args):
         print(f"features of {sum(len(e['obs']) for e in episodes)} frames computed once ({time.time() - t0:.0f} s)")
 
     def batch_latents(idx):
+        """Frames (uint8), their features and latents z for the windows starts[idx]."""
         wins = [gather_window(episodes, e, s, frames_needed, args.frameskip) for e, s in starts[idx]]
+        obs = torch.as_tensor(np.stack([w["obs"] for w in wins]), device=device)
         if features is not None:
             feats = torch.stack([features[e][w["rows"]] for (e, _), w in zip(starts[idx], wins)])
         else:
-            feats = wm.encode_frames(torch.as_tensor(np.stack([w["obs"] for w in wins]), device=device))
+            feats = wm.encode_frames(obs)
         proprio = torch.as_tensor(np.stack([w["proprio"] for w in wins]), device=device)
         action = torch.as_tensor(np.stack([w["action"] for w in wins]), device=device)
-        return feats, wm.latent(feats, proprio, action)
+        return obs, feats, wm.latent(feats, proprio, action)
 
     try:
         # 3. training (official train.py: teacher-forced next-frame prediction)
@@ -668,11 +665,10 @@ def main(args: Args):
                 raise KeyboardInterrupt
             idx = rng.integers(0, len(starts), args.batch_size)
             with autocast:
-                feats, z = batch_latents(idx)
+                obs, feats, z = batch_latents(idx)
                 loss, metrics = prediction_loss(wm, z)
                 if wm.decoder is not None:  # visualisation only: trained on detached features
-                    target = preprocess(torch.as_tensor(np.stack([gather_window(episodes, e, s, frames_needed, args.frameskip)["obs"]
-                                                                  for e, s in starts[idx]]), device=device).flatten(0, 1), args.image_size)
+                    target = preprocess(obs.flatten(0, 1), args.image_size)
                     recon = wm.decode(feats.detach().flatten(0, 1)) * 2 - 1
                     metrics["decoder_loss"] = F.mse_loss(recon.float(), target)
                     loss = loss + metrics["decoder_loss"]

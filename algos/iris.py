@@ -401,8 +401,9 @@ class LPIPS(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.register_buffer("scaling_layer_shift", torch.tensor([-0.030, -0.088, -0.188])[None, :, None, None])
-        self.register_buffer("scaling_layer_scale", torch.tensor([0.458, 0.448, 0.450])[None, :, None, None])
+        self.scaling_layer = nn.Module()  # taming's names: scaling_layer.shift / scaling_layer.scale
+        self.scaling_layer.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188])[None, :, None, None])
+        self.scaling_layer.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450])[None, :, None, None])
         cfg = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]
         vgg, c = [], 3
         for v in cfg:  # torchvision's vgg16.features indices 0-29
@@ -421,14 +422,9 @@ class LPIPS(nn.Module):
         self.requires_grad_(False)
         self.eval()
 
-    def state_dict_keys_renamed(self, state: dict) -> dict:
-        """taming names the two buffers `scaling_layer.shift` / `.scale`."""
-        ren = {"scaling_layer.shift": "scaling_layer_shift", "scaling_layer.scale": "scaling_layer_scale"}
-        return {ren.get(k, k): v for k, v in state.items()}
-
     def forward(self, x, y):
-        x = (x - self.scaling_layer_shift) / self.scaling_layer_scale
-        y = (y - self.scaling_layer_shift) / self.scaling_layer_scale
+        shift, scale = self.scaling_layer.shift, self.scaling_layer.scale
+        x, y = (x - shift) / scale, (y - shift) / scale
         total = 0.0
         for i in range(5):
             x, y = getattr(self.net, f"slice{i + 1}")(x), getattr(self.net, f"slice{i + 1}")(y)
@@ -441,7 +437,7 @@ class LPIPS(nn.Module):
 def load_lpips(path: str, device) -> LPIPS:
     lpips = LPIPS()
     state = torch.load(path, map_location="cpu", weights_only=True)
-    missing, unexpected = lpips.load_state_dict(lpips.state_dict_keys_renamed(state), strict=False)
+    missing, unexpected = lpips.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise SystemExit(f"--perceptual-weights '{path}' does not match the LPIPS layout: missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]}.")

@@ -31,11 +31,6 @@ from common.envs import make_env  # noqa: E402
 
 
 def main():
-    warmup = 2
-    if "--warmup" in sys.argv:
-        i = sys.argv.index("--warmup")
-        warmup = int(sys.argv[i + 1])
-        del sys.argv[i:i + 2]
     opt = parse("small", "MinAtar/Breakout-v1")
     args = dataclasses.replace(I.Args(), preset=opt.preset, env_id=opt.env_id, bf16=opt.bf16, **I.PRESETS[opt.preset])
     env = make_env(opt.env_id, 0, pixels=True, size=args.resolution)
@@ -83,9 +78,9 @@ def main():
     tok.train(), wm.train(), ac.train()
     results = {}
     for name, fn in (("tokenizer", tokenizer_update), ("world model", world_model_update)):
-        results[name] = cpu_seconds(fn, opt.repeats + warmup)[warmup:]
+        results[name] = cpu_seconds(fn, opt.repeats + opt.warmup)[opt.warmup:]
     tok.eval(), wm.eval()  # as in training: the actor-critic imagines with the other two in eval mode
-    results["actor-critic"] = cpu_seconds(actor_critic_update, opt.repeats + warmup)[warmup:]
+    results["actor-critic"] = cpu_seconds(actor_critic_update, opt.repeats + opt.warmup)[opt.warmup:]
     with torch.no_grad():
         fps_cache = [imagined_fps(True, args.horizon - 1) for _ in range(opt.repeats)]
         fps_plain = [imagined_fps(False, 3) for _ in range(max(1, opt.repeats // 2))]

@@ -9,11 +9,12 @@ import torch
 
 
 def parse(default_preset: str, default_env: str) -> argparse.Namespace:
-    """--preset, --env-id, --repeats, --threads (set here), --bf16."""
+    """--preset, --env-id, --repeats, --warmup (calls not counted), --threads (set here), --bf16."""
     p = argparse.ArgumentParser()
     p.add_argument("--preset", default=default_preset)
     p.add_argument("--env-id", default=default_env)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--bf16", action="store_true")
     opt = p.parse_args()
