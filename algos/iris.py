@@ -34,13 +34,17 @@ Deviations from the paper / official code (eloialonso/iris):
  5. The `small` preset (CPU) is ours: MinAtar frames (10×10, C object channels) zero-padded to 16×16 and
     tokenized into 4×4 tokens by a 2-level, 16-channel tokenizer without attention; a 3-layer transformer of
     width 128 without attention-probability dropout (PyTorch's fused CPU attention has none, and the unfused
-    path doubled the world-model update); horizon and burn-in 20 as in the paper; 20 updates of each component
-    per 200-step epoch instead of 200, with learning rate 3e-4 instead of 1e-4 and 32 imagined trajectories
-    per actor-critic batch instead of 64 (at 1e-4, 10 updates of 64 per epoch, the policy's entropy had moved
-    from 1.099 to 1.071 after 14 epochs). Known limit: on MinAtar Breakout this preset does not learn, because
-    the tokenizer collapses on its one-pixel paddle and ball (every grid position keeps one token; see
-    benchmarks/RESULTS.md and benchmarks/iris_tokenizer_probe.py). The paper's Atari frames are dense. The actor-critic's CNN keeps the official 4×4×64 = 1024 features by using log2(res/4) conv+pool
-    layers (4 at 64×64, 2 at 16×16).
+    path doubled the world-model update); horizon and burn-in 20 as in the paper; 20 updates of the world
+    model and the actor-critic per 200-step epoch instead of 200, with learning rate 3e-4 instead of 1e-4 and
+    32 imagined trajectories per actor-critic batch instead of 64 (at 1e-4, 10 updates of 64 per epoch, the
+    policy's entropy had moved from 1.099 to 1.071 after 14 epochs). Its tokenizer differs in three ways,
+    each needed for MinAtar's one-pixel paddle and ball (offline on 3,500 Breakout frames; benchmarks/RESULTS.md):
+    a Bernoulli likelihood (`--reconstruction bernoulli`: the decoder outputs logits, the loss is their
+    cross-entropy, decoded frames are their sigmoid) instead of L1, whose minimiser is the median and so
+    'off' for any pixel that is on less than half the time (even a plain autoencoder with L1 or squared error
+    lost every paddle pixel); 16-dimensional codes instead of 512 (with 64 dimensions every grid position kept
+    one token); and 100 updates per epoch at learning rate 1e-3 (0.07 s each). The actor-critic's CNN keeps
+    the official 4×4×64 = 1024 features by using log2(res/4) conv+pool layers (4 at 64×64, 2 at 16×16).
  6. `total_timesteps` counts env frames (400k = Atari 100k's 100k agent steps × frame skip 4) as every
     file here does; `final_epochs` are the official epochs 501–600, which train without collecting.
 """
@@ -135,7 +139,9 @@ class Args:
     eval_temperature: float = 0.5
     """softmax temperature of the policy at evaluation"""
     learning_rate: float = 1e-4
-    """Adam learning rate of all three components"""
+    """Adam learning rate of the world model and the actor-critic (and of the tokenizer unless given)"""
+    tokenizer_learning_rate: float | None = None
+    """Adam learning rate of the tokenizer; None: learning_rate"""
     grad_clip: float = 10.0
     """global gradient norm clip of each component"""
 
@@ -156,6 +162,9 @@ class Args:
     """resolutions at which self-attention blocks follow the residual blocks"""
     tokenizer_batch: int = 256
     """frames per tokenizer batch"""
+    reconstruction: str = "l1"
+    """l1 (official) | bernoulli: the decoder outputs logits of binary pixels and the loss is their cross-entropy
+    (MinAtar's object channels; deviation 5)"""
     perceptual_weights: str | None = None
     """path to LPIPS weights (taming layout, deviation 1); None trains without the perceptual loss"""
 
@@ -196,9 +205,9 @@ PRESETS = {
     "atari": {},
     "small": dict(
         total_timesteps=30_000, action_repeat=1, life_loss=False, resolution=16, final_epochs=0, tokenizer_start=2,
-        world_model_start=3, actor_critic_start=5, tokenizer_updates=20, world_model_updates=20, actor_critic_updates=20,
-        learning_rate=3e-4, actor_critic_batch=32,
-        vocab_size=256, embed_dim=64, z_channels=64, channels=16, ch_mult=(1, 1, 1), res_blocks=1, attn_resolutions=(),
+        world_model_start=3, actor_critic_start=5, world_model_updates=20, actor_critic_updates=20,
+        learning_rate=3e-4, tokenizer_learning_rate=1e-3, tokenizer_updates=100, actor_critic_batch=32,
+        reconstruction="bernoulli", vocab_size=256, embed_dim=16, z_channels=64, channels=16, ch_mult=(1, 1, 1), res_blocks=1, attn_resolutions=(),
         tokenizer_batch=64, layers=3, heads=4, embed=128, attn_dropout=0.0, world_model_batch=16, eval_episodes=10,
         log_every=2_000, video_every=10,
     ),
@@ -297,7 +306,10 @@ class Decoder(nn.Module):
         return self.net(x)
 
 
-CHUNK = 64  # frames per conv pass of the tokenizer (without gradient, or per accumulated micro-batch)
+# Frames per conv pass of the tokenizer (without gradient, or per accumulated micro-batch). At the paper size one
+# 64×64×64 bf16 activation of 32 frames is 16 MiB: under glibc's largest mmap threshold (32 MiB), so freed
+# activations are reused; at 64 frames every activation was a fresh mmap, page-faulted in (decode 0.97 -> 0.67 s).
+CHUNK = 32
 
 
 class Tokenizer(nn.Module):
@@ -313,6 +325,7 @@ class Tokenizer(nn.Module):
         self.decoder = Decoder(channels, args)
         self.side = args.resolution // 2 ** (len(args.ch_mult) - 1)
         self.tokens_per_frame = self.side**2
+        self.bernoulli = args.reconstruction == "bernoulli"
 
     def quantize(self, z):
         """Nearest codebook vector per position: z (N, E, h, w) -> tokens (N, h·w), z_q (N, E, h, w).
@@ -338,7 +351,7 @@ class Tokenizer(nn.Module):
         return z, z_q, tokens.view(*lead, -1)
 
     def decode(self, z_q):
-        """z_q (N, E, h, w) -> frames in [-1, 1] (N, C, H, W)."""
+        """z_q (N, E, h, w) -> frames in [-1, 1] (N, C, H, W), or pixel logits if self.bernoulli."""
         if torch.is_grad_enabled():
             return self.decoder(self.post_quant(z_q.contiguous()))
         return torch.cat([self.decoder(self.post_quant(c.contiguous(memory_format=torch.channels_last)))
@@ -348,7 +361,8 @@ class Tokenizer(nn.Module):
         """tokens (..., K) -> frames in [0, 1] (..., C, H, W)."""
         lead = tokens.shape[:-1]
         z_q = self.codebook(tokens.reshape(-1, self.side, self.side)).permute(0, 3, 1, 2)
-        frames = self.decode(z_q).float().add(1).div(2).clamp(0, 1)
+        out = self.decode(z_q).float()
+        frames = out.sigmoid() if self.bernoulli else out.add(1).div(2).clamp(0, 1)
         return frames.reshape(*lead, *frames.shape[1:])
 
     @torch.no_grad()
@@ -360,14 +374,18 @@ class Tokenizer(nn.Module):
 def tokenizer_loss(tokenizer: Tokenizer, frames, lpips=None) -> tuple[torch.Tensor, dict]:
     """Official Tokenizer.compute_loss: L1 reconstruction in [-1, 1] + codebook + commitment (β = 1; the
     commitment term's β sits on the encoder side as in the VQ-VAE paper) [+ perceptual]. The decoder sees
-    z + sg(z_q − z): the straight-through estimator copies the decoder's gradient to the encoder."""
+    z + sg(z_q − z): the straight-through estimator copies the decoder's gradient to the encoder. With
+    reconstruction 'bernoulli' the L1 term is the binary cross-entropy of the decoder's logits (deviation 5)."""
     x = frames.mul(2).sub(1)
     z, z_q, _ = tokenizer.encode(frames)
     z, z_q = z.float(), z_q.float()
     recon = tokenizer.decode(z + (z_q - z).detach()).float()
     codebook = (z.detach() - z_q).pow(2).mean()
     commitment = (z - z_q.detach()).pow(2).mean()
-    reconstruction = (x - recon).abs().mean()
+    if tokenizer.bernoulli:
+        reconstruction = F.binary_cross_entropy_with_logits(recon, frames.float())
+    else:
+        reconstruction = (x - recon).abs().mean()
     loss = reconstruction + codebook + 1.0 * commitment
     metrics = dict(reconstruction_loss=reconstruction, codebook_loss=codebook, commitment_loss=commitment)
     if lpips is not None:
@@ -849,6 +867,10 @@ def main(args: Args):
         raise SystemExit(f"IRIS tokenizes actions and needs a Discrete action space; '{args.env_id}' has {env.action_space}.")
     if not is_image_space(env.observation_space):
         raise SystemExit(f"IRIS needs image observations; '{args.env_id}' gives {env.observation_space.shape}.")
+    if args.reconstruction not in ("l1", "bernoulli"):
+        raise SystemExit(f"--reconstruction must be l1 or bernoulli, not '{args.reconstruction}'.")
+    if args.reconstruction == "bernoulli" and args.perceptual_weights:
+        raise SystemExit("--perceptual-weights needs --reconstruction l1 (LPIPS compares RGB images, not pixel logits).")
     channels, height, width = env.observation_space.shape
     if height > args.resolution or width > args.resolution or args.resolution % 2 ** (len(args.ch_mult) - 1):
         raise SystemExit(f"--resolution {args.resolution} must hold {height}×{width} frames and be divisible by "
@@ -873,7 +895,7 @@ def main(args: Args):
         lpips = load_lpips(args.perceptual_weights, device)
     else:
         print("tokenizer: no perceptual loss (no LPIPS weights given; see deviation 1)")
-    opts = dict(tokenizer=torch.optim.Adam(tokenizer.parameters(), args.learning_rate),
+    opts = dict(tokenizer=torch.optim.Adam(tokenizer.parameters(), args.tokenizer_learning_rate or args.learning_rate),
                 world_model=world_model_optimizer(wm, args),
                 actor_critic=torch.optim.Adam(ac.parameters(), args.learning_rate))
     # every step is kept (Atari 100k): steps plus one reset row per episode; untouched rows cost no memory

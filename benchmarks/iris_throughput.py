@@ -7,7 +7,7 @@ measured on the real functions of algos/iris.py.
 Process CPU time with torch.set_num_threads(1) (../shared/PERFORMANCE_TARGETS.md), median over `repeats`
 after `warmup` calls, on random uint8 frames shaped like the env's. One update = loss, backward, clip, Adam
 step: the tokenizer on `tokenizer_batch` frames (L1 + codebook + commitment, no perceptual loss; `tokenizer_update`,
-in micro-batches of 64 frames); the world
+in micro-batches of CHUNK frames); the world
 model on `world_model_batch` × `max_blocks` steps, including the no-grad tokenizer encode; the actor-critic on
 `actor_critic_batch` trajectories (burn-in of `burn_in` reconstructed frames, `horizon` imagined steps, each
 K + 1 transformer passes and one decode). Imagination speed: frames per second of `DreamEnv.step` at the

@@ -56,6 +56,19 @@ def test_straight_through_sends_the_reconstruction_gradient_to_the_encoder_and_e
     assert g_enc.abs().sum() > 0 and (g_book is None or g_book.abs().sum() == 0)
 
 
+def test_bernoulli_reconstruction_is_the_cross_entropy_of_the_decoders_logits_and_decodes_to_their_sigmoid():
+    torch.manual_seed(0)
+    tok = I.Tokenizer(4, tiny_args(reconstruction="bernoulli"))
+    frames = (torch.rand(3, 4, 16, 16) < 0.2).float()  # binary object channels, as MinAtar's
+    _, metrics = I.tokenizer_loss(tok, frames)
+    with torch.no_grad():
+        z, z_q, tokens = tok.encode(frames)
+        p = tok.decoder(tok.post_quant(z_q)).sigmoid()  # the forward value of z + sg(z_q − z) is z_q
+        by_hand = -(frames * p.log() + (1 - frames) * (1 - p).log()).mean()
+        torch.testing.assert_close(metrics["reconstruction_loss"], by_hand, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(tok.decode_tokens(tokens), p, rtol=1e-4, atol=1e-5)
+
+
 def test_tokenizer_update_in_micro_batches_takes_the_gradient_of_the_whole_batch(monkeypatch):
     torch.manual_seed(0)
     frames = torch.rand(5, 3, 16, 16)
@@ -342,6 +355,7 @@ def test_bad_inputs_get_one_sentence(tmp_path):
     for extra, words in ((["--env-id", "CartPole-v1"], "no pixel observations"),
                          (["--env-id", "CarRacing-v3"], "needs a Discrete action space"),
                          (["--env-id", "MinAtar/Breakout-v1", "--resolution", "8"], "--resolution 8 must hold"),
+                         (["--env-id", "MinAtar/Breakout-v1", "--reconstruction", "l2"], "must be l1 or bernoulli"),
                          (["--env-id", "MinAtar/Breakout-v1", "--resume", str(tmp_path / "nope")], "Cannot resume")):
         out = run_script(SCRIPT, [*TINY, *extra], tmp_path)
         assert out.returncode != 0 and words in out.stderr and "Traceback" not in out.stderr, out.stderr
