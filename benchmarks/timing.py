@@ -7,9 +7,12 @@ import time
 
 import torch
 
+from common.run import keep_freed_memory
+
 
 def parse(default_preset: str, default_env: str) -> argparse.Namespace:
-    """--preset, --env-id, --repeats, --warmup (calls not counted), --threads (set here), --bf16."""
+    """--preset, --env-id, --repeats, --warmup (calls not counted), --threads (set here), --bf16. Freed memory is
+    kept for reuse, as the scripts keep it on a CPU."""
     p = argparse.ArgumentParser()
     p.add_argument("--preset", default=default_preset)
     p.add_argument("--env-id", default=default_env)
@@ -19,6 +22,7 @@ def parse(default_preset: str, default_env: str) -> argparse.Namespace:
     p.add_argument("--bf16", action="store_true")
     opt = p.parse_args()
     torch.set_num_threads(opt.threads)
+    keep_freed_memory()  # as the scripts do on a CPU (common/run.py's choose_device)
     return opt
 
 
