@@ -30,6 +30,7 @@ import torch  # noqa: E402
 import world_models_carracing as wm  # noqa: E402
 from benchmarks.timing import cpu_seconds, peak_rss_gib  # noqa: E402
 from common.envs import make_env  # noqa: E402
+from common.run import keep_freed_memory  # noqa: E402
 
 
 def main():
@@ -39,6 +40,7 @@ def main():
     p.add_argument("--bf16", action="store_true", help="bf16 autocast in the V and M updates (as --bf16 in the script)")
     opt = p.parse_args()
     torch.set_num_threads(1)
+    keep_freed_memory()  # as the script does on a CPU
     args = wm.Args()
     torch.manual_seed(0)
 
