@@ -98,8 +98,9 @@ def keep_freed_memory() -> bool:
     PyTorch's CPU allocator keeps no cache, and glibc gives each block above its mmap threshold (at most 32 MiB)
     a fresh mapping that is page-faulted in on first touch and unmapped when freed, so every large activation
     was paid for in page faults again at every update (plan2explore's small update: 2.61 -> 1.75 s CPU; see
-    benchmarks/RESULTS.md). The price is a higher peak resident size, since freed blocks stay mapped (1.9 ->
-    2.7 GiB there). Returns False, changing nothing, where the C library is not glibc."""
+    benchmarks/RESULTS.md). The price is a higher peak resident size, since freed blocks stay mapped and not
+    every later request fits a hole (2.0 -> 2.7 GiB there; 9.0 -> 16.2 GiB for plan2explore's paper-size
+    update, which became 46 -> 27 s). Returns False, changing nothing, where the C library is not glibc."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         mallopt = libc.mallopt
