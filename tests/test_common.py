@@ -54,10 +54,24 @@ def test_continuous_actions_are_rescaled_from_unit_range():
         assert env.unwrapped.last_u == pytest.approx(torque)
 
 
-def test_minatar_channels_are_0_or_255():
-    env = make_env("MinAtar/Breakout-v1", 0)
-    obs, _ = env.reset(seed=0)
-    assert set(np.unique(obs)) <= {0, 255} and 255 in obs
+def test_minatar_plays_the_registered_game_as_channels_first_frames_of_0_or_255():
+    import minatar.gym  # noqa: F401  (registered by make_env)
+
+    ours, theirs = make_env("MinAtar/SpaceInvaders-v1", 0), gym.make("MinAtar/SpaceInvaders-v1")
+    assert ours.action_space == theirs.action_space  # the minimal action set of the -v1 id
+    obs, _ = ours.reset(seed=3)
+    ref, _ = theirs.reset(seed=3)
+    rng = np.random.default_rng(0)
+    for _ in range(300):  # same seed and actions: the same game, sticky actions included
+        assert obs.shape == (ref.shape[2], 10, 10) and set(np.unique(obs)) <= {0, 255}
+        np.testing.assert_array_equal(obs, ref.transpose(2, 0, 1).astype(np.uint8) * 255)
+        a = int(rng.integers(ours.action_space.n))
+        obs, r, term, trunc, _ = ours.step(a)
+        ref, r_ref, term_ref, trunc_ref, _ = theirs.step(a)
+        assert (r, term, trunc) == (r_ref, term_ref, trunc_ref)
+        if term:
+            obs, _ = ours.reset()
+            ref, _ = theirs.reset()
 
 
 def test_action_repeat_sums_rewards_and_stops_at_termination():
