@@ -1,5 +1,6 @@
-"""What an IRIS run's tokenizer keeps of its frames: distinct tokens per grid position and, for binary frames
-(MinAtar), the share of each channel's 'on' pixels that the reconstruction gets wrong.
+"""What an IRIS run's tokenizer keeps of its frames: distinct tokens per grid position, how many tokens each
+distinct patch content gets, and, for binary frames (MinAtar), the share of each channel's 'on' pixels that the
+reconstruction gets wrong.
 
     python benchmarks/iris_tokenizer_probe.py benchmarks/runs/<MinAtar run>
 
@@ -37,6 +38,18 @@ def main():
         recon = tok.encode_decode(frames)
     per_position = [tokens[:, i].unique().numel() for i in range(tokens.shape[1])]
     print(f"{len(frames)} frames, epoch {ckpt['epoch']}: {tokens.unique().numel()} distinct tokens; per position {per_position}")
+    # codes per distinct content: 1 when equal patches always get the same token (what the world model can predict)
+    n, c, size, side = *frames.shape[:2], frames.shape[-1], tok.side
+    patch = size // side
+    patches = frames.reshape(n, c, side, patch, side, patch).permute(0, 2, 4, 1, 3, 5).reshape(n, side * side, -1)
+    codes = []
+    for i in range(side * side):
+        seen = {}
+        for p_, t in zip(patches[:, i].numpy(), tokens[:, i].tolist()):
+            seen.setdefault(p_.tobytes(), set()).add(t)
+        codes.append(sum(len(v) for v in seen.values()) / len(seen))
+    print(f"tokens per distinct patch content, mean over positions: {sum(codes) / len(codes):.1f} "
+          f"(per position {[round(x, 1) for x in codes]})")
     print(f"L1 error in [0, 1]: {(recon - frames).abs().mean():.4f}")
     on = frames > 0.5
     wrong = (recon > 0.5) != on
