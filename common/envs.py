@@ -132,7 +132,7 @@ class MinAtarImages(gym.Env):
         state = self.game.state()
         c = state.shape[-1]
         palette = np.array([[0, 0, 0]] + [[255 * v for v in colorsys.hsv_to_rgb(i / c, 0.8, 1.0)] for i in range(c)], np.uint8)
-        index = np.where(state.any(-1), state.shape[-1] - np.argmax(state[..., ::-1], -1), 0)
+        index = np.where(state.any(-1), c - np.argmax(state[..., ::-1], -1), 0)
         return palette[index].repeat(16, 0).repeat(16, 1)
 
 

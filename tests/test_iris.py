@@ -356,6 +356,7 @@ def test_bad_inputs_get_one_sentence(tmp_path):
                          (["--env-id", "CarRacing-v3"], "needs a Discrete action space"),
                          (["--env-id", "MinAtar/Breakout-v1", "--resolution", "8"], "--resolution 8 must hold"),
                          (["--env-id", "MinAtar/Breakout-v1", "--reconstruction", "l2"], "must be l1 or bernoulli"),
+                         (["--env-id", "MinAtar/Breakout-v1", "--perceptual-weights", "w.pt"], "needs --reconstruction l1"),
                          (["--env-id", "MinAtar/Breakout-v1", "--resume", str(tmp_path / "nope")], "Cannot resume")):
         out = run_script(SCRIPT, [*TINY, *extra], tmp_path)
         assert out.returncode != 0 and words in out.stderr and "Traceback" not in out.stderr, out.stderr
