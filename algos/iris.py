@@ -167,6 +167,9 @@ class Args:
     """resolutions at which self-attention blocks follow the residual blocks"""
     tokenizer_batch: int = 256
     """frames per tokenizer batch"""
+    encoder: str = "taming"
+    """taming (official: 3×3 convs, group norm, attention) | patch: each token's vector from its own patch alone
+    (a patch-size stride-patch conv, then two 1×1 layers), so equal patches always get equal tokens (deviation 5)"""
     reconstruction: str = "l1"
     """l1 (official) | bernoulli: the decoder outputs logits of binary pixels and the loss is their cross-entropy
     (MinAtar's object channels; deviation 5)"""
@@ -212,7 +215,7 @@ PRESETS = {
         total_timesteps=30_000, action_repeat=1, life_loss=False, resolution=16, final_epochs=0, tokenizer_start=2,
         world_model_start=3, actor_critic_start=5, world_model_updates=60, actor_critic_updates=10,
         learning_rate=3e-4, tokenizer_learning_rate=1e-3, tokenizer_updates=100, actor_critic_batch=32,
-        reconstruction="bernoulli", vocab_size=256, embed_dim=16, z_channels=64, channels=16, ch_mult=(1, 1, 1), res_blocks=1, attn_resolutions=(),
+        encoder="patch", reconstruction="bernoulli", vocab_size=256, embed_dim=16, z_channels=64, channels=16, ch_mult=(1, 1, 1), res_blocks=1, attn_resolutions=(),
         tokenizer_batch=64, layers=3, heads=4, embed=128, attn_dropout=0.0, world_model_batch=16, eval_episodes=10,
         log_every=2_000, video_every=10,
     ),
@@ -288,6 +291,19 @@ class Encoder(nn.Module):
         return self.net(x)
 
 
+class PatchEncoder(nn.Module):
+    """Each output position sees only its own P×P input patch (P = resolution / tokens per side) and no frame
+    statistics: a P×P conv with stride P, then two 1×1 layers. The small preset's encoder (deviation 5)."""
+
+    def __init__(self, in_ch: int, args: Args):
+        super().__init__()
+        p, c = 2 ** (len(args.ch_mult) - 1), args.z_channels
+        self.net = nn.Sequential(nn.Conv2d(in_ch, c, p, stride=p), nn.SiLU(), nn.Conv2d(c, c, 1), nn.SiLU(), nn.Conv2d(c, c, 1))
+
+    def forward(self, x):
+        return self.net(x)
+
+
 class Decoder(nn.Module):
     def __init__(self, out_ch: int, args: Args):
         super().__init__()
@@ -322,7 +338,7 @@ class Tokenizer(nn.Module):
 
     def __init__(self, channels: int, args: Args):
         super().__init__()
-        self.encoder = Encoder(channels, args)
+        self.encoder = Encoder(channels, args) if args.encoder == "taming" else PatchEncoder(channels, args)
         self.pre_quant = nn.Conv2d(args.z_channels, args.embed_dim, 1)
         self.codebook = nn.Embedding(args.vocab_size, args.embed_dim)
         self.codebook.weight.data.uniform_(-1.0 / args.vocab_size, 1.0 / args.vocab_size)
@@ -872,6 +888,8 @@ def main(args: Args):
         raise SystemExit(f"IRIS tokenizes actions and needs a Discrete action space; '{args.env_id}' has {env.action_space}.")
     if not is_image_space(env.observation_space):
         raise SystemExit(f"IRIS needs image observations; '{args.env_id}' gives {env.observation_space.shape}.")
+    if args.encoder not in ("taming", "patch"):
+        raise SystemExit(f"--encoder must be taming or patch, not '{args.encoder}'.")
     if args.reconstruction not in ("l1", "bernoulli"):
         raise SystemExit(f"--reconstruction must be l1 or bernoulli, not '{args.reconstruction}'.")
     if args.reconstruction == "bernoulli" and args.perceptual_weights:

@@ -103,6 +103,18 @@ def test_paper_tokenizer_makes_16_tokens_per_64x64_frame_and_decodes_back_to_the
         assert tok.decode_tokens(tokens).shape == (2, 5, 3, 64, 64)
 
 
+def test_patch_encoder_codes_each_patch_from_that_patch_alone():
+    torch.manual_seed(0)
+    a = (torch.rand(2, 4, 16, 16) > 0.5).float()
+    b = a.clone()
+    b[:, :, 4:] = (torch.rand(2, 4, 12, 16) > 0.5).float()  # every patch changes except the top row (pixel rows 0-3)
+    for encoder, same in (("patch", True), ("taming", False)):  # the official encoder mixes neighbours and frame statistics
+        tok = I.Tokenizer(4, tiny_args(encoder=encoder))
+        with torch.no_grad():
+            za, zb = tok.encode(a)[0], tok.encode(b)[0]
+        assert torch.allclose(za[..., 0, :], zb[..., 0, :], atol=1e-6) == same, encoder
+
+
 def test_lpips_loads_a_state_dict_with_tamings_key_names_and_measures_zero_between_equal_images(tmp_path):
     convs = {0: 3, 2: 64, 5: 64, 7: 128, 10: 128, 12: 256, 14: 256, 17: 256, 19: 512, 21: 512, 24: 512, 26: 512, 28: 512}
     outs = {0: 64, 2: 64, 5: 128, 7: 128, 10: 256, 12: 256, 14: 256, 17: 512, 19: 512, 21: 512, 24: 512, 26: 512, 28: 512}
@@ -356,6 +368,7 @@ def test_bad_inputs_get_one_sentence(tmp_path):
                          (["--env-id", "CarRacing-v3"], "needs a Discrete action space"),
                          (["--env-id", "MinAtar/Breakout-v1", "--resolution", "8"], "--resolution 8 must hold"),
                          (["--env-id", "MinAtar/Breakout-v1", "--reconstruction", "l2"], "must be l1 or bernoulli"),
+                         (["--env-id", "MinAtar/Breakout-v1", "--encoder", "vit"], "must be taming or patch"),
                          (["--env-id", "MinAtar/Breakout-v1", "--perceptual-weights", "w.pt"], "needs --reconstruction l1"),
                          (["--env-id", "MinAtar/Breakout-v1", "--resume", str(tmp_path / "nope")], "Cannot resume")):
         out = run_script(SCRIPT, [*TINY, *extra], tmp_path)
