@@ -612,9 +612,7 @@ def main(args: Args):
     updates, results = 0, []
     ckpt_path = os.path.join(run_dir, "checkpoint.pt")
     if resumed:
-        ckpt = load_checkpoint(ckpt_path, device)
-        wm.load_state_dict(ckpt["wm"])
-        opt.load_state_dict(ckpt["opt"])
+        ckpt = load_checkpoint(ckpt_path, device, wm=wm, opt=opt)
         updates, results = ckpt["updates"], ckpt["results"]
         print(f"resumed {run_dir} at update {updates}, {len(results)} evaluation episodes done; "
               f"{sum(len(e['obs']) for e in episodes)} dataset rows reloaded")

@@ -637,10 +637,8 @@ def main(args: Args):
     global_step, updates, last_return = 0, 0, None
     ckpt_path = os.path.join(run_dir, "checkpoint.pt")
     if resumed:
-        ckpt = load_checkpoint(ckpt_path, device)
-        for name, obj in dict(wm=wm, actor=actor, value=value_net, model_opt=model_opt, actor_opt=actor_opt,
-                              value_opt=value_opt).items():
-            obj.load_state_dict(ckpt[name])
+        ckpt = load_checkpoint(ckpt_path, device, wm=wm, actor=actor, value=value_net, model_opt=model_opt,
+                               actor_opt=actor_opt, value_opt=value_opt)
         global_step, updates, last_return = ckpt["global_step"], ckpt["updates"], ckpt.get("last_return")
         rows = replay.load()
         replay.rng.bit_generator.state = ckpt["replay_rng"]

@@ -927,11 +927,8 @@ def main(args: Args):
     global_step, epoch, updates, trained, last_return = 0, 1, 0, dict(tokenizer=0, world_model=0, actor_critic=0), None
     ckpt_path = os.path.join(run_dir, "checkpoint.pt")
     if resumed:
-        ckpt = load_checkpoint(ckpt_path, device)
-        for name, obj in dict(tokenizer=tokenizer, wm=wm, ac=ac).items():
-            obj.load_state_dict(ckpt[name])
-        for name, opt in opts.items():
-            opt.load_state_dict(ckpt["opts"][name])
+        ckpt = load_checkpoint(ckpt_path, device, tokenizer=tokenizer, wm=wm, ac=ac,
+                               **{f"{k}_opt": o for k, o in opts.items()})
         global_step, epoch, updates, trained = ckpt["global_step"], ckpt["epoch"], ckpt["updates"], ckpt["trained"]
         last_return = ckpt.get("last_return")
         rows = replay.load()
@@ -946,7 +943,7 @@ def main(args: Args):
         if args.save_model:
             save_checkpoint(ckpt_path, dict(
                 tokenizer=tokenizer.state_dict(), wm=wm.state_dict(), ac=ac.state_dict(),
-                opts={k: o.state_dict() for k, o in opts.items()}, global_step=global_step, epoch=epoch,
+                **{f"{k}_opt": o.state_dict() for k, o in opts.items()}, global_step=global_step, epoch=epoch,
                 updates=updates, trained=dict(trained), last_return=last_return,
                 replay_rng=replay.rng.bit_generator.state, args=vars(args)))
         return ckpt_path

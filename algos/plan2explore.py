@@ -726,10 +726,7 @@ def main(args: Args):
     counters = dict(global_step=0, updates=0, task_done=0, last_return=None, zero_shot=None, few_shot=None)
     ckpt_path = os.path.join(run_dir, "checkpoint.pt")
     if resumed:
-        ckpt = load_checkpoint(ckpt_path, device)
-        for k in nets:
-            nets[k].load_state_dict(ckpt[k])
-            opts[k].load_state_dict(ckpt[f"{k}_opt"])
+        ckpt = load_checkpoint(ckpt_path, device, **nets, **{f"{k}_opt": opt for k, opt in opts.items()})
         counters.update(ckpt["counters"])
         norm.mag = ckpt["intrinsic_magnitude"]
         rows = replay.load()

@@ -537,9 +537,7 @@ def main(args: Args):
     global_step, updates, episodes, last_return = 0, 0, 0, None
     ckpt_path = os.path.join(run_dir, "checkpoint.pt")
     if resumed:
-        ckpt = load_checkpoint(ckpt_path, device)
-        wm.load_state_dict(ckpt["wm"])
-        opt.load_state_dict(ckpt["opt"])
+        ckpt = load_checkpoint(ckpt_path, device, wm=wm, opt=opt)
         global_step, updates, episodes, last_return = (ckpt["global_step"], ckpt["updates"], ckpt["episodes"],
                                                        ckpt.get("last_return"))
         rows = replay.load()

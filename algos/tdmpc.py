@@ -605,11 +605,7 @@ def main(args: Args):
     global_step, agent_steps, updates, episodes, last_return = 0, 0, 0, 0, None
     ckpt_path = os.path.join(run_dir, "checkpoint.pt")
     if resumed:
-        ckpt = load_checkpoint(ckpt_path, device)
-        model.load_state_dict(ckpt["model"])
-        target.load_state_dict(ckpt["target"])
-        opt.load_state_dict(ckpt["opt"])
-        pi_opt.load_state_dict(ckpt["pi_opt"])
+        ckpt = load_checkpoint(ckpt_path, device, model=model, target=target, opt=opt, pi_opt=pi_opt)
         global_step, updates, episodes, last_return = (ckpt["global_step"], ckpt["updates"], ckpt["episodes"],
                                                        ckpt.get("last_return"))
         agent_steps = global_step // args.action_repeat  # every agent step adds action_repeat env steps

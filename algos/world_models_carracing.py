@@ -673,13 +673,7 @@ def main(args: Args):
                  best_fitness=-np.inf, best_params=None, history=[], eval_returns=None)
     ckpt_path = os.path.join(run_dir, "checkpoint.pt")
     if resumed:
-        ckpt = load_checkpoint(ckpt_path, device)
-        if ckpt["dream"] != args.dream:
-            raise SystemExit(f"Cannot resume: '{run_dir}' was run with dream={ckpt['dream']}; M's heads differ.")
-        vae.load_state_dict(ckpt["vae"])
-        rnn.load_state_dict(ckpt["rnn"])
-        vae_opt.load_state_dict(ckpt["vae_opt"])
-        rnn_opt.load_state_dict(ckpt["rnn_opt"])
+        ckpt = load_checkpoint(ckpt_path, device, vae=vae, rnn=rnn, vae_opt=vae_opt, rnn_opt=rnn_opt)
         state.update(ckpt["state"])
         print(f"resumed {run_dir}: finished stages {', '.join(state['done']) or 'none'}")
     writer = make_writer(run_dir, args, resumed)
@@ -689,7 +683,7 @@ def main(args: Args):
     def save():
         if args.save_model:
             save_checkpoint(ckpt_path, dict(vae=vae.state_dict(), rnn=rnn.state_dict(), vae_opt=vae_opt.state_dict(),
-                                            rnn_opt=rnn_opt.state_dict(), state=state, dream=args.dream,
+                                            rnn_opt=rnn_opt.state_dict(), state=state,
                                             args=vars(args)))
         return ckpt_path
 

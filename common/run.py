@@ -145,10 +145,18 @@ def save_checkpoint(path: str, state: dict) -> None:
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: str, device="cpu") -> dict:
-    """Load a checkpoint written by save_checkpoint and restore the global RNG states from it."""
+def load_checkpoint(path: str, device="cpu", **objects) -> dict:
+    """Load a checkpoint written by save_checkpoint, restore the global RNG states from it and load each given
+    module or optimizer from the entry of its name. One that does not fit (a network setting given differently
+    from the stored run's) stops with one sentence instead of a size-mismatch traceback."""
     state = torch.load(path, map_location=device, weights_only=False)
     set_rng_states(state["rng"])
+    for name, obj in objects.items():
+        try:
+            obj.load_state_dict(state[name])
+        except (KeyError, RuntimeError, ValueError):
+            raise SystemExit(f"Cannot resume: the {name} saved in '{os.path.dirname(path)}' does not fit the one these "
+                             "settings build; pass the settings the run was started with (its args.json).") from None
     return state
 
 

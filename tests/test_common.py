@@ -277,6 +277,17 @@ def test_checkpoint_round_trip_restores_the_random_streams(tmp_path):
     assert torch.equal(torch.rand(3), draws[2])
 
 
+def test_checkpoint_loads_named_objects_and_a_mismatched_one_stops_with_one_sentence(tmp_path):
+    path = str(tmp_path / "checkpoint.pt")
+    net = torch.nn.Linear(3, 4)
+    save_checkpoint(path, {"net": net.state_dict()})
+    same = torch.nn.Linear(3, 4)
+    load_checkpoint(path, net=same)
+    assert torch.equal(same.weight, net.weight) and torch.equal(same.bias, net.bias)
+    with pytest.raises(SystemExit, match="Cannot resume: the net saved in .* does not fit the one these settings build"):
+        load_checkpoint(path, net=torch.nn.Linear(3, 5))  # e.g. resumed with a different width
+
+
 def test_non_finite_guard_saves_then_names_the_loss_and_step():
     saved = []
     check_finite({"a": torch.tensor(1.0)}, 3, lambda: saved.append(1))

@@ -355,6 +355,9 @@ def test_smoke_run_on_pong_writes_logs_video_checkpoint_and_resumes(tmp_path):
     ckpt = checkpoint(run_dir)
     assert ckpt["global_step"] == 160 and ckpt["epoch"] == 3 and ckpt["updates"] == 2 * (2 + 2) + 2  # epoch 2 adds the AC
     check_resume_doubles_the_run(SCRIPT, [*TINY, "--env-id", "ALE/Pong-v5"], 160, tmp_path, run_dir)
+    out = run_script(SCRIPT, [*TINY, "--env-id", "ALE/Pong-v5", "--embed", "32", "--resume", run_dir], tmp_path)
+    assert out.returncode != 0 and "does not fit the one these settings build" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
 
 
 def test_kill_and_resume_loses_nothing(tmp_path):
