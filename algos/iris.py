@@ -32,24 +32,23 @@ Deviations from the paper / official code (eloialonso/iris):
  4. The world model's padded positions hold copies of the nearest real frame instead of zero frames; their
     labels are ignored (-100) as officially, and causality keeps them from touching unpadded outputs.
  5. The `small` preset (CPU) is ours: MinAtar frames (10×10, C object channels) zero-padded to 16×16 and
-    tokenized into 4×4 tokens by a 2-level, 16-channel tokenizer with attention only in its middle blocks; a 3-layer transformer of
-    width 128 without attention-probability dropout (PyTorch's fused CPU attention has none, and the unfused
-    path doubled the world-model update); horizon and burn-in 20 as in the paper; per 200-step epoch 60
-    world-model and 10 actor-critic updates instead of 200 each (with 20 of each the world model's token
-    accuracy stayed near 0.2, with 60 it reached 0.5), learning rate 3e-4 instead of 1e-4 and 32 imagined
-    trajectories per actor-critic batch instead of 64 (at 1e-4, 10 updates of 64 per epoch, the policy's
-    entropy had moved from 1.099 to 1.071 after 14 epochs). Its tokenizer differs in three ways,
-    each needed for MinAtar's one-pixel paddle and ball (offline on 3,500 Breakout frames; benchmarks/RESULTS.md):
-    a Bernoulli likelihood (`--reconstruction bernoulli`: the decoder outputs logits, the loss is their
-    cross-entropy, decoded frames are their sigmoid) instead of L1, whose minimiser is the median and so
-    'off' for any pixel that is on less than half the time (even a plain autoencoder with L1 or squared error
-    lost every paddle pixel); 16-dimensional codes instead of 512 (with 64 dimensions every grid position kept
-    one token); and 100 updates per epoch at learning rate 1e-3 (0.07 s each). The actor-critic's CNN keeps
-    the official 4×4×64 = 1024 features by using log2(res/4) conv+pool layers (4 at 64×64, 2 at 16×16).
-    Known limit: in 30 CPU minutes on MinAtar Breakout this preset is only a little above random (0.48 ±
-    0.03 against 0.38 ± 0.02): the tokenizer spreads many codes over each patch content (31 tokens per
-    distinct 4×4 patch content at the end of the run), so its tokens are hard to predict and the world model's accuracy stays
-    at 0.2-0.5 (benchmarks/RESULTS.md, benchmarks/iris_tokenizer_probe.py).
+    tokenized into 4×4 tokens; a 3-layer transformer of width 128 without attention-probability dropout
+    (PyTorch's fused CPU attention has none, and the unfused path doubled the world-model update); horizon and
+    burn-in 20 as in the paper; per 200-step epoch 60 world-model and 20 actor-critic updates instead of 200
+    each, learning rate 1e-3 instead of 1e-4 and 32 imagined trajectories per actor-critic batch instead of 64
+    (all to learn within 30 CPU minutes: with 3e-4 and 10 actor-critic updates the policy stayed near uniform,
+    entropy 1.07 after 45 epochs). Its tokenizer differs in four ways, each needed for MinAtar's one-pixel
+    paddle and ball (offline on Breakout frames; benchmarks/RESULTS.md): a patch encoder (`--encoder patch`:
+    each token's vector from its own 4×4 patch alone, no group norm or attention across patches), because the
+    official encoder's 3×3 convolutions, frame-wide group norm and attention gave one patch content up to 31
+    different tokens depending on its neighbours, which the world model cannot predict (its token accuracy
+    stayed at 0.2-0.5; with the patch encoder every content has one token and it reached 0.85-0.9); a
+    Bernoulli likelihood (`--reconstruction bernoulli`: the decoder outputs logits, the loss is their
+    cross-entropy, decoded frames are their sigmoid) instead of L1, whose minimiser is the median and so 'off'
+    for any pixel that is on less than half the time (even a plain autoencoder with L1 or squared error lost
+    every paddle pixel); 16-dimensional codes instead of 512 (with 64 dimensions every grid position kept one
+    token); and 100 updates per epoch at learning rate 1e-3. The actor-critic's CNN keeps the official
+    4×4×64 = 1024 features by using log2(res/4) conv+pool layers (4 at 64×64, 2 at 16×16).
  6. `total_timesteps` counts env frames (400k = Atari 100k's 100k agent steps × frame skip 4) as every
     file here does; `final_epochs` are the official epochs 501–600, which train without collecting.
 """
@@ -213,8 +212,8 @@ PRESETS = {
     "atari": {},
     "small": dict(
         total_timesteps=30_000, action_repeat=1, life_loss=False, resolution=16, final_epochs=0, tokenizer_start=2,
-        world_model_start=3, actor_critic_start=5, world_model_updates=60, actor_critic_updates=10,
-        learning_rate=3e-4, tokenizer_learning_rate=1e-3, tokenizer_updates=100, actor_critic_batch=32,
+        world_model_start=3, actor_critic_start=5, world_model_updates=60, actor_critic_updates=20,
+        learning_rate=1e-3, tokenizer_learning_rate=1e-3, tokenizer_updates=100, actor_critic_batch=32,
         encoder="patch", reconstruction="bernoulli", vocab_size=256, embed_dim=16, z_channels=64, channels=16, ch_mult=(1, 1, 1), res_blocks=1, attn_resolutions=(),
         tokenizer_batch=64, layers=3, heads=4, embed=128, attn_dropout=0.0, world_model_batch=16, eval_episodes=10,
         log_every=2_000, video_every=10,
