@@ -290,17 +290,11 @@ class Encoder(nn.Module):
         return self.net(x)
 
 
-class PatchEncoder(nn.Module):
+def patch_encoder(in_ch: int, args: Args) -> nn.Sequential:
     """Each output position sees only its own P×P input patch (P = resolution / tokens per side) and no frame
     statistics: a P×P conv with stride P, then two 1×1 layers. The small preset's encoder (deviation 5)."""
-
-    def __init__(self, in_ch: int, args: Args):
-        super().__init__()
-        p, c = 2 ** (len(args.ch_mult) - 1), args.z_channels
-        self.net = nn.Sequential(nn.Conv2d(in_ch, c, p, stride=p), nn.SiLU(), nn.Conv2d(c, c, 1), nn.SiLU(), nn.Conv2d(c, c, 1))
-
-    def forward(self, x):
-        return self.net(x)
+    p, c = 2 ** (len(args.ch_mult) - 1), args.z_channels
+    return nn.Sequential(nn.Conv2d(in_ch, c, p, stride=p), nn.SiLU(), nn.Conv2d(c, c, 1), nn.SiLU(), nn.Conv2d(c, c, 1))
 
 
 class Decoder(nn.Module):
@@ -337,7 +331,7 @@ class Tokenizer(nn.Module):
 
     def __init__(self, channels: int, args: Args):
         super().__init__()
-        self.encoder = Encoder(channels, args) if args.encoder == "taming" else PatchEncoder(channels, args)
+        self.encoder = Encoder(channels, args) if args.encoder == "taming" else patch_encoder(channels, args)
         self.pre_quant = nn.Conv2d(args.z_channels, args.embed_dim, 1)
         self.codebook = nn.Embedding(args.vocab_size, args.embed_dim)
         self.codebook.weight.data.uniform_(-1.0 / args.vocab_size, 1.0 / args.vocab_size)
