@@ -66,8 +66,16 @@ def open_run(args, root: str = "runs") -> tuple[str, bool]:
         if changed:
             print(f"resume: these settings differ from the stored run: {', '.join(changed)}")
         return run_dir, True
-    run_dir = os.path.join(root, run_name(args.env_id, args.exp_name, args.seed))
-    os.makedirs(run_dir, exist_ok=True)
+    os.makedirs(root, exist_ok=True)
+    base = os.path.join(root, run_name(args.env_id, args.exp_name, args.seed))
+    run_dir, n = base, 1
+    while True:  # mkdir is atomic: two runs started in the same second get two directories, never one shared
+        try:
+            os.mkdir(run_dir)
+            break
+        except FileExistsError:
+            n += 1
+            run_dir = f"{base}_{n}"
     with open(os.path.join(run_dir, "args.json"), "w") as f:
         json.dump(dataclasses.asdict(args), f, indent=1)
     return run_dir, False
