@@ -48,8 +48,13 @@ Deviations from the paper / official code (eloialonso/iris):
     for any pixel that is on less than half the time (even a plain autoencoder with L1 or squared error lost
     every paddle pixel); 16-dimensional codes instead of 512 (with 64 dimensions every grid position kept one
     token); and 100 updates per epoch at learning rate 1e-3. The actor-critic's CNN keeps the official
-    4×4×64 = 1024 features by using log2(res/4) conv+pool layers (4 at 64×64, 2 at 16×16).
- 6. `total_timesteps` counts env frames (400k = Atari 100k's 100k agent steps × frame skip 4) as every
+    4×4×64 = 1024 features by using ceil(log2(res/4)) conv+pool layers (4 at 64×64, 2 at 16×16 and at 12×12,
+    where 3×3×64 = 576 features remain).
+ 6. `--codebook-restart` (off by default, in no preset yet) is not in IRIS: codes unused for ~200 updates are
+    moved onto the encoder outputs the codebook fits worst (random restarts as in Jukebox, Dhariwal et al.
+    2020). On MinAtar the tokenizer otherwise gave rare patch contents (the ball about to meet the paddle) the
+    token of a common one, and the world model could not tell a returned ball from a miss (benchmarks/RESULTS.md).
+ 7. `total_timesteps` counts env frames (400k = Atari 100k's 100k agent steps × frame skip 4) as every
     file here does; `final_epochs` are the official epochs 501–600, which train without collecting.
 """
 
@@ -169,6 +174,9 @@ class Args:
     encoder: str = "taming"
     """taming (official: 3×3 convs, group norm, attention) | patch: each token's vector from its own patch alone
     (a patch-size stride-patch conv, then two 1×1 layers), so equal patches always get equal tokens (deviation 5)"""
+    codebook_restart: bool = False
+    """move codes unused for ~200 updates onto the encoder outputs the codebook fits worst (small preset;
+    deviation 5)"""
     reconstruction: str = "l1"
     """l1 (official) | bernoulli: the decoder outputs logits of binary pixels and the loss is their cross-entropy
     (MinAtar's object channels; deviation 5)"""
@@ -326,6 +334,10 @@ class Decoder(nn.Module):
 CHUNK = 32
 
 
+# --codebook-restart: usage is an average over ~1/(1 − USAGE_DECAY) updates of how often a code is picked per update
+USAGE_DECAY, DEAD_USAGE, RESTART_USAGE, MISFIT = 0.99, 0.01, 0.1, 0.1
+
+
 class Tokenizer(nn.Module):
     """Frames in [0, 1] (N, C, H, W) <-> K tokens each. Internally frames live in [-1, 1] as officially."""
 
@@ -340,6 +352,8 @@ class Tokenizer(nn.Module):
         self.side = args.resolution // 2 ** (len(args.ch_mult) - 1)
         self.tokens_per_frame = self.side**2
         self.bernoulli = args.reconstruction == "bernoulli"
+        # how often each code is picked per update, averaged over the last ~100 (for --codebook-restart)
+        self.register_buffer("usage", torch.full((args.vocab_size,), RESTART_USAGE))
 
     def quantize(self, z):
         """Nearest codebook vector per position: z (N, E, h, w) -> tokens (N, h·w), z_q (N, E, h, w).
@@ -425,6 +439,29 @@ def tokenizer_update(tokenizer: Tokenizer, opt, frames, clip: float, autocast, l
     sums["grad_norm"] = float(nn.utils.clip_grad_norm_(tokenizer.parameters(), clip))
     opt.step()
     return sums
+
+
+@torch.no_grad()
+def restart_dead_codes(tokenizer: Tokenizer, frames) -> int:
+    """Random restarts of dead codes (as in Jukebox, Dhariwal et al. 2020; not in IRIS; deviation 5). Codes
+    picked less than once per ~100 updates (usage EMA below DEAD_USAGE) are moved onto distinct encoder outputs
+    of this batch whose squared distance to their code exceeds MISFIT × the outputs' mean squared norm: rare
+    patch contents that share a code with a common one get codes of their own, while codes in use and contents
+    already fitted are left alone. Returns the number of codes moved."""
+    z, z_q, tokens = tokenizer.encode(frames)
+    counts = torch.bincount(tokens.flatten(), minlength=tokenizer.usage.numel()).float()
+    tokenizer.usage.mul_(USAGE_DECAY).add_(counts, alpha=1 - USAGE_DECAY)
+    dead = (tokenizer.usage < DEAD_USAGE).nonzero().flatten()
+    flat, flat_q = (v.permute(0, 2, 3, 1).reshape(-1, v.shape[1]).float() for v in (z, z_q))
+    error = (flat - flat_q).pow(2).sum(1)
+    misfit = flat[error > MISFIT * flat.pow(2).sum(1).mean()].unique(dim=0)  # equal patches give equal outputs
+    n = min(len(dead), len(misfit))
+    if n:
+        fitted = tokenizer.quantize(misfit[:, :, None, None])[1].flatten(1).float()
+        order = (misfit - fitted).pow(2).sum(1).argsort(descending=True)[:n]  # the worst fitted first
+        tokenizer.codebook.weight[dead[:n]] = misfit[order].to(tokenizer.codebook.weight.dtype)
+        tokenizer.usage[dead[:n]] = RESTART_USAGE
+    return n
 
 
 class LPIPS(nn.Module):
@@ -661,14 +698,14 @@ class DreamEnv:
 class ActorCritic(nn.Module):
     def __init__(self, channels: int, resolution: int, num_actions: int, lstm: int = 512):
         super().__init__()
-        n = int(math.log2(resolution // 4))  # conv+pool layers down to 4×4 (4 at 64×64, the official net)
+        n = math.ceil(math.log2(resolution / 4))  # conv+pool layers down to at most 4×4 (4 at 64×64, the official net)
         widths = [32] * (n - n // 2) + [64] * (n // 2)
-        layers, c = [], channels
+        layers, c, side = [], channels, resolution
         for w in widths:
             layers += [nn.Conv2d(c, w, 3, padding=1), nn.MaxPool2d(2, 2), nn.ReLU()]
-            c = w
+            c, side = w, side // 2
         self.cnn = nn.Sequential(*layers, nn.Flatten())
-        self.lstm = nn.LSTMCell(c * 16, lstm)
+        self.lstm = nn.LSTMCell(c * side * side, lstm)
         self.actor, self.critic = nn.Linear(lstm, num_actions), nn.Linear(lstm, 1)
         self.hidden = lstm
 
@@ -962,8 +999,11 @@ def main(args: Args):
         if component == "tokenizer":
             data = sample_segments(replay, spans, args.tokenizer_batch, 1, from_start=True)
             frames = to_batch(data, args.resolution, device)["frames"][:, 0]
-            return tokenizer_update(tokenizer, opts["tokenizer"], frames, args.grad_clip, autocast, lpips,
-                                    lambda losses: check_finite(losses, updates, save))
+            metrics = tokenizer_update(tokenizer, opts["tokenizer"], frames, args.grad_clip, autocast, lpips,
+                                       lambda losses: check_finite(losses, updates, save))
+            if args.codebook_restart:
+                metrics["codes_restarted"] = restart_dead_codes(tokenizer, frames)
+            return metrics
         if component == "world_model":
             batch = to_batch(sample_segments(replay, spans, args.world_model_batch, args.max_blocks, True), args.resolution, device)
             with autocast:

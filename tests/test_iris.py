@@ -115,6 +115,36 @@ def test_patch_encoder_codes_each_patch_from_that_patch_alone():
         assert torch.allclose(za[..., 0, :], zb[..., 0, :], atol=1e-6) == same, encoder
 
 
+
+class FixedEncoder(torch.nn.Module):
+    """Stands in for the encoder: returns the given (1, E, 2, 2) outputs whatever the frames."""
+
+    def __init__(self, z):
+        super().__init__()
+        self.z = z
+
+    def forward(self, x):
+        return self.z.expand(len(x), -1, -1, -1)
+
+
+def test_codebook_restart_moves_only_dead_codes_and_only_onto_misfit_outputs():
+    tok = I.Tokenizer(3, tiny_args(resolution=8, ch_mult=(1, 1, 1), z_channels=2, embed_dim=2, vocab_size=4))
+    tok.pre_quant.weight.data.copy_(torch.eye(2)[:, :, None, None])
+    tok.pre_quant.bias.data.zero_()
+    book = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-5.0, -5.0], [-6.0, -6.0]])
+    tok.codebook.weight.data.copy_(book)
+    tok.usage.copy_(torch.tensor([1.0, 1.0, 0.001, 0.5]))  # code 2 dead; code 3 unused here but alive
+    fitted = [[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]]
+    tok.encoder = FixedEncoder(torch.tensor(fitted).t().reshape(1, 2, 2, 2))
+    assert I.restart_dead_codes(tok, torch.zeros(3, 3, 8, 8)) == 0  # nothing misfit: nothing moves
+    torch.testing.assert_close(tok.codebook.weight.data, book)
+    misfit = [[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.5, 0.8]]  # the last is 0.29 from code 1; mean |z|² 0.97
+    tok.encoder = FixedEncoder(torch.tensor(misfit).t().reshape(1, 2, 2, 2))
+    assert I.restart_dead_codes(tok, torch.zeros(3, 3, 8, 8)) == 1
+    torch.testing.assert_close(tok.codebook.weight.data, torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.8], [-6.0, -6.0]]))
+    assert tok.usage[2] == I.RESTART_USAGE
+    assert tok.encode(torch.zeros(1, 3, 8, 8))[2].tolist() == [[0, 0, 1, 2]]  # the misfit content has its own code
+
 def test_lpips_loads_a_state_dict_with_tamings_key_names_and_measures_zero_between_equal_images(tmp_path):
     convs = {0: 3, 2: 64, 5: 64, 7: 128, 10: 128, 12: 256, 14: 256, 17: 256, 19: 512, 21: 512, 24: 512, 26: 512, 28: 512}
     outs = {0: 64, 2: 64, 5: 128, 7: 128, 10: 256, 12: 256, 14: 256, 17: 512, 19: 512, 21: 512, 24: 512, 26: 512, 28: 512}
