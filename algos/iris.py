@@ -175,8 +175,8 @@ class Args:
     """taming (official: 3×3 convs, group norm, attention) | patch: each token's vector from its own patch alone
     (a patch-size stride-patch conv, then two 1×1 layers), so equal patches always get equal tokens (deviation 5)"""
     codebook_restart: bool = False
-    """move codes unused for ~200 updates onto the encoder outputs the codebook fits worst (small preset;
-    deviation 5)"""
+    """move codes unused for ~200 updates onto the encoder outputs the codebook fits worst (not in IRIS;
+    deviation 6)"""
     reconstruction: str = "l1"
     """l1 (official) | bernoulli: the decoder outputs logits of binary pixels and the loss is their cross-entropy
     (MinAtar's object channels; deviation 5)"""
@@ -443,7 +443,7 @@ def tokenizer_update(tokenizer: Tokenizer, opt, frames, clip: float, autocast, l
 
 @torch.no_grad()
 def restart_dead_codes(tokenizer: Tokenizer, frames) -> int:
-    """Random restarts of dead codes (as in Jukebox, Dhariwal et al. 2020; not in IRIS; deviation 5). Codes
+    """Random restarts of dead codes (as in Jukebox, Dhariwal et al. 2020; not in IRIS; deviation 6). Codes
     picked less than once per ~100 updates (usage EMA below DEAD_USAGE) are moved onto distinct encoder outputs
     of this batch whose squared distance to their code exceeds MISFIT × the outputs' mean squared norm: rare
     patch contents that share a code with a common one get codes of their own, while codes in use and contents

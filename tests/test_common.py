@@ -338,7 +338,6 @@ def test_resume_checks_the_run_directory(tmp_path, monkeypatch):
         open_run(ToyArgs(resume=str(tmp_path / "missing")))
 
 
-
 def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(time, "time", lambda: 1_800_000_000.0)
@@ -346,6 +345,7 @@ def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path, mon
     assert first[0] != second[0] and second[0] == first[0] + "_2"
     with open(os.path.join(first[0], "args.json")) as f:
         assert json.load(f)["lr"] == ToyArgs().lr  # the second run did not overwrite the first's settings
+
 
 PAGE_FAULTS_OF_REPEATED_64_MIB_TENSORS = """
 import resource, sys, torch

@@ -115,7 +115,6 @@ def test_patch_encoder_codes_each_patch_from_that_patch_alone():
         assert torch.allclose(za[..., 0, :], zb[..., 0, :], atol=1e-6) == same, encoder
 
 
-
 class FixedEncoder(torch.nn.Module):
     """Stands in for the encoder: returns the given (1, E, 2, 2) outputs whatever the frames."""
 
@@ -144,6 +143,7 @@ def test_codebook_restart_moves_only_dead_codes_and_only_onto_misfit_outputs():
     torch.testing.assert_close(tok.codebook.weight.data, torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.8], [-6.0, -6.0]]))
     assert tok.usage[2] == I.RESTART_USAGE
     assert tok.encode(torch.zeros(1, 3, 8, 8))[2].tolist() == [[0, 0, 1, 2]]  # the misfit content has its own code
+
 
 def test_lpips_loads_a_state_dict_with_tamings_key_names_and_measures_zero_between_equal_images(tmp_path):
     convs = {0: 3, 2: 64, 5: 64, 7: 128, 10: 128, 12: 256, 14: 256, 17: 256, 19: 512, 21: 512, 24: 512, 26: 512, 28: 512}
