@@ -322,6 +322,15 @@ def test_actor_critic_loss_by_hand_uses_steps_before_the_last_and_a_detached_bas
     np.testing.assert_allclose(g_values[0, :2].numpy(), [-(4 - 1), -(3 - 2)], rtol=1e-6)  # no policy term in V's grad
 
 
+
+def test_actor_critic_cnn_keeps_the_official_1024_features_and_takes_12x12_frames():
+    assert I.ActorCritic(3, 64, 4).lstm.input_size == 4 * 4 * 64  # official: four conv+pool layers, 64 -> 4
+    assert I.ActorCritic(4, 16, 3).lstm.input_size == 4 * 4 * 64
+    ac = I.ActorCritic(4, 12, 3)  # 12 -> 6 -> 3
+    assert ac.lstm.input_size == 3 * 3 * 64
+    logits, value, _ = ac(torch.rand(2, 4, 12, 12), ac.initial(2, "cpu"))
+    assert logits.shape == (2, 3) and value.shape == (2,)
+
 def test_burn_in_padding_leaves_the_lstm_state_untouched():
     torch.manual_seed(0)
     ac = I.ActorCritic(3, 16, 4)
