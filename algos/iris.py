@@ -50,8 +50,8 @@ Deviations from the paper / official code (eloialonso/iris):
     token); and 100 updates per epoch at learning rate 1e-3. The actor-critic's CNN keeps the official
     4×4×64 = 1024 features by using ceil(log2(res/4)) conv+pool layers (4 at 64×64, 2 at 16×16 and at 12×12,
     where 3×3×64 = 576 features remain).
- 6. `--codebook-restart` (off by default, in no preset yet) is not in IRIS: codes unused for ~200 updates are
-    moved onto the encoder outputs the codebook fits worst (random restarts as in Jukebox, Dhariwal et al.
+ 6. `--codebook-restart` (off by default, in no preset yet) is not in IRIS: codes not picked in 500 tokenizer
+    updates are moved onto the encoder outputs the codebook fits worst (random restarts as in Jukebox, Dhariwal et al.
     2020). On MinAtar the tokenizer otherwise gave rare patch contents (the ball about to meet the paddle) the
     token of a common one, and the world model could not tell a returned ball from a miss (benchmarks/RESULTS.md).
  7. `total_timesteps` counts env frames (400k = Atari 100k's 100k agent steps × frame skip 4) as every
@@ -151,6 +151,8 @@ class Args:
     """Adam learning rate of the world model and the actor-critic (and of the tokenizer unless given)"""
     tokenizer_learning_rate: float | None = None
     """Adam learning rate of the tokenizer; None: learning_rate"""
+    actor_critic_learning_rate: float | None = None
+    """Adam learning rate of the actor-critic; None: learning_rate"""
     grad_clip: float = 10.0
     """global gradient norm clip of each component"""
 
@@ -175,8 +177,8 @@ class Args:
     """taming (official: 3×3 convs, group norm, attention) | patch: each token's vector from its own patch alone
     (a patch-size stride-patch conv, then two 1×1 layers), so equal patches always get equal tokens (deviation 5)"""
     codebook_restart: bool = False
-    """move codes unused for ~200 updates onto the encoder outputs the codebook fits worst (not in IRIS;
-    deviation 6)"""
+    """move codes not picked in 500 tokenizer updates onto the encoder outputs the codebook fits worst (not in
+    IRIS; deviation 6)"""
     reconstruction: str = "l1"
     """l1 (official) | bernoulli: the decoder outputs logits of binary pixels and the loss is their cross-entropy
     (MinAtar's object channels; deviation 5)"""
@@ -334,8 +336,9 @@ class Decoder(nn.Module):
 CHUNK = 32
 
 
-# --codebook-restart: usage is an average over ~1/(1 − USAGE_DECAY) updates of how often a code is picked per update
-USAGE_DECAY, DEAD_USAGE, RESTART_USAGE, MISFIT = 0.99, 0.01, 0.1, 0.1
+# --codebook-restart: a code not picked in DEAD_AFTER tokenizer updates is dead; an encoder output is misfit when its
+# squared distance to its code exceeds MISFIT × the batch's mean squared output norm
+DEAD_AFTER, MISFIT = 500, 0.1
 
 
 class Tokenizer(nn.Module):
@@ -352,8 +355,8 @@ class Tokenizer(nn.Module):
         self.side = args.resolution // 2 ** (len(args.ch_mult) - 1)
         self.tokens_per_frame = self.side**2
         self.bernoulli = args.reconstruction == "bernoulli"
-        # how often each code is picked per update, averaged over the last ~100 (for --codebook-restart)
-        self.register_buffer("usage", torch.full((args.vocab_size,), RESTART_USAGE))
+        # tokenizer updates since each code was last picked (for --codebook-restart)
+        self.register_buffer("idle", torch.zeros(args.vocab_size, dtype=torch.long))
 
     def quantize(self, z):
         """Nearest codebook vector per position: z (N, E, h, w) -> tokens (N, h·w), z_q (N, E, h, w).
@@ -444,14 +447,13 @@ def tokenizer_update(tokenizer: Tokenizer, opt, frames, clip: float, autocast, l
 @torch.no_grad()
 def restart_dead_codes(tokenizer: Tokenizer, frames) -> int:
     """Random restarts of dead codes (as in Jukebox, Dhariwal et al. 2020; not in IRIS; deviation 6). Codes
-    picked less than once per ~100 updates (usage EMA below DEAD_USAGE) are moved onto distinct encoder outputs
-    of this batch whose squared distance to their code exceeds MISFIT × the outputs' mean squared norm: rare
-    patch contents that share a code with a common one get codes of their own, while codes in use and contents
-    already fitted are left alone. Returns the number of codes moved."""
+    not picked in the last DEAD_AFTER updates are moved onto distinct encoder outputs of this batch whose squared
+    distance to their code exceeds MISFIT × the outputs' mean squared norm: rare patch contents that share a code
+    with a common one get codes of their own, while codes in use (however rarely) and contents already fitted are
+    left alone. Returns the number of codes moved."""
     z, z_q, tokens = tokenizer.encode(frames)
-    counts = torch.bincount(tokens.flatten(), minlength=tokenizer.usage.numel()).float()
-    tokenizer.usage.mul_(USAGE_DECAY).add_(counts, alpha=1 - USAGE_DECAY)
-    dead = (tokenizer.usage < DEAD_USAGE).nonzero().flatten()
+    tokenizer.idle.add_(1).index_fill_(0, tokens.flatten().unique(), 0)
+    dead = (tokenizer.idle >= DEAD_AFTER).nonzero().flatten()
     flat, flat_q = (v.permute(0, 2, 3, 1).reshape(-1, v.shape[1]).float() for v in (z, z_q))
     error = (flat - flat_q).pow(2).sum(1)
     misfit = flat[error > MISFIT * flat.pow(2).sum(1).mean()].unique(dim=0)  # equal patches give equal outputs
@@ -460,7 +462,7 @@ def restart_dead_codes(tokenizer: Tokenizer, frames) -> int:
         fitted = tokenizer.quantize(misfit[:, :, None, None])[1].flatten(1).float()
         order = (misfit - fitted).pow(2).sum(1).argsort(descending=True)[:n]  # the worst fitted first
         tokenizer.codebook.weight[dead[:n]] = misfit[order].to(tokenizer.codebook.weight.dtype)
-        tokenizer.usage[dead[:n]] = RESTART_USAGE
+        tokenizer.idle[dead[:n]] = 0
     return n
 
 
@@ -950,7 +952,7 @@ def main(args: Args):
         print("tokenizer: no perceptual loss (no LPIPS weights given; see deviation 1)")
     opts = dict(tokenizer=torch.optim.Adam(tokenizer.parameters(), args.tokenizer_learning_rate or args.learning_rate),
                 world_model=world_model_optimizer(wm, args),
-                actor_critic=torch.optim.Adam(ac.parameters(), args.learning_rate))
+                actor_critic=torch.optim.Adam(ac.parameters(), args.actor_critic_learning_rate or args.learning_rate))
     # every step is kept (Atari 100k): steps plus one reset row per episode; untouched rows cost no memory
     replay = Replay(2 * (args.total_timesteps // args.action_repeat) + 1000, os.path.join(run_dir, "episodes"), seed=args.seed)
 

@@ -1,6 +1,6 @@
 """What an IRIS run's tokenizer keeps of its frames: distinct tokens per grid position, how many tokens each
 distinct patch content gets, and, for binary frames (MinAtar), the share of each channel's 'on' pixels that the
-reconstruction gets wrong.
+reconstruction gets wrong. Frames are replay rows the tokenizer trains on (episodes' last observations excluded).
 
     python benchmarks/iris_tokenizer_probe.py benchmarks/runs/<MinAtar run>
 
@@ -16,6 +16,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import iris as I  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from common.replay import Replay  # noqa: E402
@@ -28,7 +29,10 @@ def main():
     args = dataclasses.replace(I.Args(), **saved)
     replay = Replay(10**7)
     replay.load(os.path.join(run, "episodes"))
-    obs = torch.as_tensor(replay.data["obs"][:replay.size:7][:1000])
+    # every 7th of the rows a block can hold: not an episode's last observation, which no segment contains
+    # (iris.episode_spans), so the tokenizer never trains on it (checked: ~99% of its ball pixels come out wrong)
+    last = np.append(replay.data["is_first"][1:replay.size], True)
+    obs = torch.as_tensor(replay.data["obs"][:replay.size][~last][::7][:1000])
     tok = I.Tokenizer(obs.shape[1], args)
     tok.load_state_dict(ckpt["tokenizer"])
     tok.eval()

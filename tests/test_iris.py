@@ -132,7 +132,8 @@ def test_codebook_restart_moves_only_dead_codes_and_only_onto_misfit_outputs():
     tok.pre_quant.bias.data.zero_()
     book = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-5.0, -5.0], [-6.0, -6.0]])
     tok.codebook.weight.data.copy_(book)
-    tok.usage.copy_(torch.tensor([1.0, 1.0, 0.001, 0.5]))  # code 2 dead; code 3 unused here but alive
+    # code 2 idle long enough to be dead after this update; code 3 unpicked here but still alive after two more
+    tok.idle.copy_(torch.tensor([0, 7, I.DEAD_AFTER - 1, I.DEAD_AFTER - 3]))
     fitted = [[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]]
     tok.encoder = FixedEncoder(torch.tensor(fitted).t().reshape(1, 2, 2, 2))
     assert I.restart_dead_codes(tok, torch.zeros(3, 3, 8, 8)) == 0  # nothing misfit: nothing moves
@@ -141,7 +142,7 @@ def test_codebook_restart_moves_only_dead_codes_and_only_onto_misfit_outputs():
     tok.encoder = FixedEncoder(torch.tensor(misfit).t().reshape(1, 2, 2, 2))
     assert I.restart_dead_codes(tok, torch.zeros(3, 3, 8, 8)) == 1
     torch.testing.assert_close(tok.codebook.weight.data, torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.8], [-6.0, -6.0]]))
-    assert tok.usage[2] == I.RESTART_USAGE
+    assert tok.idle.tolist() == [0, 0, 0, I.DEAD_AFTER - 1]  # picked codes and the moved one start counting again
     assert tok.encode(torch.zeros(1, 3, 8, 8))[2].tolist() == [[0, 0, 1, 2]]  # the misfit content has its own code
 
 
