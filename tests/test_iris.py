@@ -382,7 +382,8 @@ def test_imagination_pairs_each_action_with_the_frame_it_was_chosen_on():
 
 # Smoke runs of the real script ---------------------------------------------------------------------
 def test_smoke_run_on_pong_writes_logs_video_checkpoint_and_resumes(tmp_path):
-    out = run_script(SCRIPT, [*TINY, "--env-id", "ALE/Pong-v5", "--total-timesteps", "160"], tmp_path)
+    flags = [*TINY, "--env-id", "ALE/Pong-v5", "--actor-critic-learning-rate", "3e-5"]
+    out = run_script(SCRIPT, [*flags, "--total-timesteps", "160"], tmp_path)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "16 tokens/frame" in out.stdout and "no perceptual loss" in out.stdout
     run_dir = only_run_dir(tmp_path)
@@ -394,7 +395,9 @@ def test_smoke_run_on_pong_writes_logs_video_checkpoint_and_resumes(tmp_path):
     assert "media/openloop" in acc.Tags()["images"]
     ckpt = checkpoint(run_dir)
     assert ckpt["global_step"] == 160 and ckpt["epoch"] == 3 and ckpt["updates"] == 2 * (2 + 2) + 2  # epoch 2 adds the AC
-    check_resume_doubles_the_run(SCRIPT, [*TINY, "--env-id", "ALE/Pong-v5"], 160, tmp_path, run_dir)
+    lr = {k: ckpt[f"{k}_opt"]["param_groups"][0]["lr"] for k in ("actor_critic", "world_model")}
+    assert lr == dict(actor_critic=3e-5, world_model=I.Args().learning_rate)  # only the actor-critic's lr is given
+    check_resume_doubles_the_run(SCRIPT, flags, 160, tmp_path, run_dir)
     out = run_script(SCRIPT, [*TINY, "--env-id", "ALE/Pong-v5", "--embed", "32", "--resume", run_dir], tmp_path)
     assert out.returncode != 0 and "does not fit the one these settings build" in out.stderr, out.stderr
     assert "Traceback" not in out.stderr
