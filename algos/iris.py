@@ -31,29 +31,36 @@ Deviations from the paper / official code (eloialonso/iris):
     episodes (`num_weights < num_episodes` falls back to uniform), so official runs sample uniformly too.
  4. The world model's padded positions hold copies of the nearest real frame instead of zero frames; their
     labels are ignored (-100) as officially, and causality keeps them from touching unpadded outputs.
- 5. The `small` preset (CPU) is ours: MinAtar frames (10×10, C object channels) zero-padded to 16×16 and
-    tokenized into 4×4 tokens; a 3-layer transformer of width 128 without attention-probability dropout
-    (PyTorch's fused CPU attention has none, and the unfused path doubled the world-model update); horizon and
-    burn-in 20 as in the paper; per 200-step epoch 60 world-model and 20 actor-critic updates instead of 200
-    each, learning rate 1e-3 instead of 1e-4 and 32 imagined trajectories per actor-critic batch instead of 64
-    (all to learn within 30 CPU minutes: with 3e-4 and 10 actor-critic updates the policy stayed near uniform,
-    entropy 1.07 after 45 epochs). Its tokenizer differs in four ways, each needed for MinAtar's one-pixel
-    paddle and ball (offline on Breakout frames; benchmarks/RESULTS.md): a patch encoder (`--encoder patch`:
-    each token's vector from its own 4×4 patch alone, no group norm or attention across patches), because the
-    official encoder's 3×3 convolutions, frame-wide group norm and attention gave one patch content up to 31
-    different tokens depending on its neighbours, which the world model cannot predict (its token accuracy
-    stayed at 0.2-0.5; with the patch encoder every content has one token and it reached 0.85-0.9); a
-    Bernoulli likelihood (`--reconstruction bernoulli`: the decoder outputs logits, the loss is their
-    cross-entropy, decoded frames are their sigmoid) instead of L1, whose minimiser is the median and so 'off'
-    for any pixel that is on less than half the time (even a plain autoencoder with L1 or squared error lost
-    every paddle pixel); 16-dimensional codes instead of 512 (with 64 dimensions every grid position kept one
-    token); and 100 updates per epoch at learning rate 1e-3. The actor-critic's CNN keeps the official
-    4×4×64 = 1024 features by using ceil(log2(res/4)) conv+pool layers (4 at 64×64, 2 at 16×16 and at 12×12,
-    where 3×3×64 = 576 features remain).
- 6. `--codebook-restart` (off by default, in no preset yet) is not in IRIS: codes not picked in 500 tokenizer
-    updates are moved onto the encoder outputs the codebook fits worst (random restarts as in Jukebox, Dhariwal
-    et al. 2020). On MinAtar the tokenizer otherwise gives some rare patch contents (the ball near the paddle)
-    the token of a common one: 3.2% of ball pixels decoded wrong without, 0.3–1.4% with (benchmarks/RESULTS.md).
+ 5. The `small` preset (CPU) is ours: MinAtar frames (10×10, C object channels) zero-padded to 12×12 and
+    tokenized into 3×3 tokens of 4×4 patches; a 3-layer transformer of width 128 without dropout (PyTorch's
+    fused CPU attention has no attention-probability dropout, and the unfused path doubled the world-model
+    update); horizon and burn-in 20 as in the paper; per 400-step epoch 100 tokenizer, 120 world-model and 20
+    actor-critic updates instead of 200 each per 200 steps, learning rate 1e-3 instead of 1e-4 for the world
+    model and the actor-critic, and 32 imagined trajectories per actor-critic batch instead of 64 (all to learn
+    within 30 CPU minutes: with 3e-4 and 10 actor-critic updates the policy stayed near uniform, entropy 1.07
+    after 45 epochs). Its tokenizer differs in five ways, each needed for MinAtar's one-pixel paddle and ball
+    (offline on Breakout frames; benchmarks/RESULTS.md): a patch encoder (`--encoder patch`: each token's
+    vector from its own 4×4 patch alone, no group norm or attention across patches), because the official
+    encoder's 3×3 convolutions, frame-wide group norm and attention gave one patch content up to 31 different
+    tokens depending on its neighbours, which the world model cannot predict (its token accuracy stayed at
+    0.2-0.5; with the patch encoder every content has one token and it reached 0.85-0.9); a Bernoulli
+    likelihood (`--reconstruction bernoulli`: the decoder outputs logits, the loss is their cross-entropy,
+    decoded frames are their sigmoid) instead of L1, whose minimiser is the median and so 'off' for any pixel
+    that is on less than half the time (even a plain autoencoder with L1 or squared error lost every paddle
+    pixel); 16-dimensional codes instead of 512 (with 64 dimensions every grid position kept one token); the
+    codebook restart of deviation 6; and learning rate 3e-4 (1e-4 officially). At 1e-3 it learned faster but
+    kept handing patch contents new tokens: the empty patch's token changed in every 100-update phase and
+    30-99% of all tokens of fixed frames changed from one phase to the next until ~2,000 updates, so the world
+    model kept relearning its vocabulary; at 3e-4 none changed after the restarts of the first ~600 updates,
+    and at 1e-4 the ball was still 89% lost after 2,000 updates (benchmarks/iris_token_churn.py; the run logs
+    this as tokenizer/tokens_changed). The actor-critic's CNN keeps the official 4×4×64 = 1024 features by
+    using ceil(log2(res/4)) conv+pool layers (4 at 64×64, 2 at 16×16 and at 12×12, where 3×3×64 = 576
+    features remain).
+ 6. `--codebook-restart` (off by default, on in the small preset) is not in IRIS: codes not picked in 500
+    tokenizer updates are moved onto the encoder outputs the codebook fits worst (random restarts as in Jukebox,
+    Dhariwal et al. 2020). On MinAtar the tokenizer otherwise gives some rare patch contents (the ball near the
+    paddle) the token of a common one: 3.2% of ball pixels decoded wrong without, 0.3–1.4% with
+    (benchmarks/RESULTS.md).
  7. `total_timesteps` counts env frames (400k = Atari 100k's 100k agent steps × frame skip 4) as every
     file here does; `final_epochs` are the official epochs 501–600, which train without collecting.
 """
@@ -221,11 +228,12 @@ class Args:
 PRESETS = {
     "atari": {},
     "small": dict(
-        total_timesteps=30_000, action_repeat=1, life_loss=False, resolution=16, final_epochs=0, tokenizer_start=2,
-        world_model_start=3, actor_critic_start=5, world_model_updates=60, actor_critic_updates=20,
-        learning_rate=1e-3, tokenizer_learning_rate=1e-3, tokenizer_updates=100, actor_critic_batch=32,
-        encoder="patch", reconstruction="bernoulli", vocab_size=256, embed_dim=16, z_channels=64, channels=16, ch_mult=(1, 1, 1), res_blocks=1, attn_resolutions=(),
-        tokenizer_batch=64, layers=3, heads=4, embed=128, attn_dropout=0.0, world_model_batch=16, eval_episodes=10,
+        total_timesteps=30_000, action_repeat=1, life_loss=False, resolution=12, final_epochs=0, tokenizer_start=2,
+        world_model_start=3, actor_critic_start=5, steps_per_epoch=400, world_model_updates=120, actor_critic_updates=20,
+        learning_rate=1e-3, tokenizer_learning_rate=3e-4, tokenizer_updates=100, actor_critic_batch=32,
+        encoder="patch", reconstruction="bernoulli", codebook_restart=True, vocab_size=256, embed_dim=16, z_channels=64,
+        channels=16, ch_mult=(1, 1, 1), res_blocks=1, attn_resolutions=(),
+        tokenizer_batch=64, layers=3, heads=4, embed=128, dropout=0.0, attn_dropout=0.0, world_model_batch=16, eval_episodes=10,
         log_every=2_000, video_every=10,
     ),
 }
@@ -1061,6 +1069,11 @@ def main(args: Args):
                     continue
                 module.train()
                 sums, t0, n0 = {}, time.perf_counter(), trained[component]
+                if component == "tokenizer":  # token churn: fixed frames, encoded before and after this epoch's updates
+                    probe = to_batch(sample_segments(replay, episode_spans(replay), args.tokenizer_batch, 1, True),
+                                     args.resolution, device)["frames"][:, 0]
+                    with torch.no_grad():
+                        before = tokenizer.encode(probe)[2]
                 while trained[component] < per_epoch[component]:
                     if stop:
                         raise KeyboardInterrupt
@@ -1075,6 +1088,10 @@ def main(args: Args):
                     for k, v in sums.items():
                         writer.add_scalar(f"{tag}/{k}", v / done, global_step)
                     writer.add_scalar(f"perf/{component}_update_ms", 1000 * (time.perf_counter() - t0) / done, global_step)
+                if done and component == "tokenizer":  # the world model learns on these tokens: a changed one is a new word
+                    with torch.no_grad():
+                        changed = (tokenizer.encode(probe)[2] != before).float().mean()
+                    writer.add_scalar("tokenizer/tokens_changed", float(changed), global_step)
             if args.video_every and epoch > starts["world_model"] and epoch % args.video_every == 0:
                 data = sample_segments(replay, episode_spans(replay), 6, min(args.max_blocks, args.horizon), True)
                 with autocast:

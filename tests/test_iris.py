@@ -393,6 +393,8 @@ def test_smoke_run_on_pong_writes_logs_video_checkpoint_and_resumes(tmp_path):
                 "eval/episodic_return"):
         assert tag in acc.Tags()["scalars"], (tag, acc.Tags()["scalars"])
     assert "media/openloop" in acc.Tags()["images"]
+    changed = [e.value for e in acc.Scalars("tokenizer/tokens_changed")]
+    assert len(changed) == 2 and all(0 <= v <= 1 for v in changed)  # one per epoch (both) the tokenizer trained
     ckpt = checkpoint(run_dir)
     assert ckpt["global_step"] == 160 and ckpt["epoch"] == 3 and ckpt["updates"] == 2 * (2 + 2) + 2  # epoch 2 adds the AC
     lr = {k: ckpt[f"{k}_opt"]["param_groups"][0]["lr"] for k in ("actor_critic", "world_model")}
