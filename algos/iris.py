@@ -51,7 +51,7 @@ Deviations from the paper / official code (eloialonso/iris):
     codebook restart of deviation 6; and learning rate 3e-4 (1e-4 officially). At 1e-3 it learned faster but
     kept handing patch contents new tokens: the empty patch's token changed in every 100-update phase and
     30-99% of all tokens of fixed frames changed from one phase to the next until ~2,000 updates, so the world
-    model kept relearning its vocabulary; at 3e-4 none changed after the restarts of the first ~600 updates,
+    model kept relearning its vocabulary; at 3e-4 at most 2.4% changed per phase after the first restarts,
     and at 1e-4 the ball was still 89% lost after 2,000 updates (benchmarks/iris_token_churn.py; the run logs
     this as tokenizer/tokens_changed). The actor-critic's CNN keeps the official 4×4×64 = 1024 features by
     using ceil(log2(res/4)) conv+pool layers (4 at 64×64, 2 at 16×16 and at 12×12, where 3×3×64 = 576
