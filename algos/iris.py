@@ -1003,17 +1003,21 @@ def main(args: Args):
     next_log = (global_step // args.log_every + 1) * args.log_every
     recent = deque(maxlen=args.burn_in)  # the current episode's frames before the current one
 
+    def tokenizer_frames():
+        """A tokenizer batch: single frames from uniformly drawn episodes."""
+        data = sample_segments(replay, episode_spans(replay), args.tokenizer_batch, 1, from_start=True)
+        return to_batch(data, args.resolution, device)["frames"][:, 0]
+
     def update(component: str) -> dict:
         """One gradient step of one component on a fresh batch (official Trainer.train_component)."""
-        spans = episode_spans(replay)
         if component == "tokenizer":
-            data = sample_segments(replay, spans, args.tokenizer_batch, 1, from_start=True)
-            frames = to_batch(data, args.resolution, device)["frames"][:, 0]
+            frames = tokenizer_frames()
             metrics = tokenizer_update(tokenizer, opts["tokenizer"], frames, args.grad_clip, autocast, lpips,
                                        lambda losses: check_finite(losses, updates, save))
             if args.codebook_restart:
                 metrics["codes_restarted"] = restart_dead_codes(tokenizer, frames)
             return metrics
+        spans = episode_spans(replay)
         if component == "world_model":
             batch = to_batch(sample_segments(replay, spans, args.world_model_batch, args.max_blocks, True), args.resolution, device)
             with autocast:
@@ -1070,8 +1074,7 @@ def main(args: Args):
                 module.train()
                 sums, t0, n0 = {}, time.perf_counter(), trained[component]
                 if component == "tokenizer":  # token churn: fixed frames, encoded before and after this epoch's updates
-                    probe = to_batch(sample_segments(replay, episode_spans(replay), args.tokenizer_batch, 1, True),
-                                     args.resolution, device)["frames"][:, 0]
+                    probe = tokenizer_frames()
                     with torch.no_grad():
                         before = tokenizer.encode(probe)[2]
                 while trained[component] < per_epoch[component]:
