@@ -281,7 +281,9 @@ def mdn_batch(series: list[dict], batch_size: int, seq_len: int, rng: np.random.
         action    :  (a_{t-1})  a_t              the action taken at frame t is stored in row t+1
         reward    :             r_{t+1}          earned by a_t, stored with frame t+1
     so the input at step t is (z_t, action[t+1]) and the targets are z_{t+1}, reward[t+1], terminated[t+1].
-    Each window holds seq_len + 1 rows of one episode (episodes shorter than that are skipped).
+    Each window holds seq_len + 1 rows of one episode (episodes shorter than that are skipped): mu and logvar keep
+    all seq_len + 1 rows (z is sampled once per frame, see mdn_inputs_targets), action, reward and done the last
+    seq_len.
     """
     long = [s for s in series if len(s["mu"]) > seq_len]
     if not long:
@@ -294,14 +296,22 @@ def mdn_batch(series: list[dict], batch_size: int, seq_len: int, rng: np.random.
         for k in out:
             out[k].append(s[k][t0 : t0 + seq_len + 1])
     w = {k: np.stack(v) for k, v in out.items()}
-    return dict(mu=w["mu"][:, :-1], logvar=w["logvar"][:, :-1], next_mu=w["mu"][:, 1:], next_logvar=w["logvar"][:, 1:],
-                action=w["action"][:, 1:], reward=w["reward"][:, 1:], done=w["terminated"][:, 1:].astype(np.float32))
+    return dict(mu=w["mu"], logvar=w["logvar"], action=w["action"][:, 1:], reward=w["reward"][:, 1:],
+                done=w["terminated"][:, 1:].astype(np.float32))
+
+
+def mdn_inputs_targets(batch: dict):
+    """One z per frame sampled from V's posterior over the window's seq_len + 1 rows; M reads z[:-1] and predicts
+    z[1:], so the target z_{t+1} is the same draw M is fed at the next step (official rnn_train.py: raw_z[:, :-1]
+    in, raw_z[:, 1:] out)."""
+    z = sample_z(batch["mu"], batch["logvar"])
+    return z[:, :-1], z[:, 1:]
 
 
 def mdn_loss(rnn: MDNRNN, batch: dict):
-    """M's loss on one batch: z sampled from V's posterior at every step (inputs and targets), then the mixture
-    NLL of z_{t+1}; in dream mode plus MSE of r_{t+1} and the cross-entropy of done_{t+1}."""
-    z, z_next = sample_z(batch["mu"], batch["logvar"]), sample_z(batch["next_mu"], batch["next_logvar"])
+    """M's loss on one batch: the mixture NLL of z_{t+1} given (z_t, a_t) and h_t; in dream mode plus the MSE of
+    r_{t+1} and the cross-entropy of done_{t+1}."""
+    z, z_next = mdn_inputs_targets(batch)
     logmix, mean, logstd, reward, done, _ = rnn(z, batch["action"])
     nll = mdn_nll(logmix.float(), mean.float(), logstd.float(), z_next)
     metrics = dict(mdn_nll=nll)
@@ -564,7 +574,7 @@ def stage_mdnrnn(args: Args, vae: VAE, rnn: MDNRNN, opt, state: dict, run_dir: s
         check_finite({"mdn_loss": loss}, state["rnn_updates"], save)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        nn.utils.clip_grad_value_(rnn.parameters(), args.rnn_grad_clip)
+        nn.utils.clip_grad_value_(rnn.parameters(), args.rnn_grad_clip, foreach=True)
         opt.step()
         state["rnn_updates"] += 1
         if state["rnn_updates"] % args.log_every == 0:

@@ -68,7 +68,7 @@ def main():
             loss, _ = wm.mdn_loss(rnn, batch)
         rnn_opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_value_(rnn.parameters(), args.rnn_grad_clip)
+        torch.nn.utils.clip_grad_value_(rnn.parameters(), args.rnn_grad_clip, foreach=True)
         rnn_opt.step()
 
     params = np.random.default_rng(0).standard_normal(wm.controller_size(args.z_size, args.rnn_size)) * 0.1

@@ -112,9 +112,10 @@ class MinAtarImages(gym.Env):
         self.render_mode = render_mode
 
     def _obs(self) -> np.ndarray:
-        # bool (H, W, C) -> uint8 (C, H, W), 1 -> 255: the negation of a uint8 1 is 255, so one ufunc call
-        # (0.84 µs; the multiply by 255 with a cast took 1.22 µs). The array keeps the state's memory order.
-        return np.negative(self.game.state().view(np.uint8).transpose(2, 0, 1))
+        # bool (H, W, C) -> uint8 (C, H, W), 1 -> 255: the negation of a uint8 1 is 255, so one ufunc call on the
+        # contiguous state, then a transposed view (0.54 µs; negating the transposed view took 0.93, a multiply
+        # by 255 with a cast 1.22). The array keeps the state's (H, W, C) memory order.
+        return (-self.game.state().view(np.uint8)).transpose(2, 0, 1)
 
     def step(self, action):
         reward, terminated = self.game.act(self.action_set[action])

@@ -100,9 +100,23 @@ def test_mdn_batch_pairs_z_t_with_the_action_taken_at_frame_t_and_targets_the_ne
     for i in range(4):
         np.testing.assert_array_equal(b["mu"][:, i, 0], start + i)  # z_t
         np.testing.assert_array_equal(b["action"][:, i, 0], 10 * (start + i + 1))  # a_t, stored in row t + 1
-        np.testing.assert_array_equal(b["next_mu"][:, i, 0], start + i + 1)  # target z_{t+1}
+        np.testing.assert_array_equal(b["mu"][:, i + 1, 0], start + i + 1)  # target z_{t+1}, the window's next row
         np.testing.assert_array_equal(b["reward"][:, i], 100 * (start + i + 1))  # r_{t+1}, earned by a_t
     np.testing.assert_array_equal(b["done"][:, -1], (start + 4 == T - 1).astype(np.float32))
+
+
+def test_m_reads_and_predicts_one_draw_of_z_per_frame():
+    """The target z_{t+1} is the very sample M is fed at step t+1 (official raw_z[:, :-1] / raw_z[:, 1:]), and the
+    targets line up with the window's rows 1..T."""
+    torch.manual_seed(0)
+    B, T, d = 64, 6, 8
+    mu = torch.arange(T + 1.0)[None, :, None].expand(B, T + 1, d) * 10
+    z, z_next = wm.mdn_inputs_targets(dict(mu=mu, logvar=torch.zeros(B, T + 1, d)))  # σ = 1
+    assert z.shape == z_next.shape == (B, T, d)
+    torch.testing.assert_close(z_next[:, :-1], z[:, 1:], rtol=0, atol=0)  # one draw, not two
+    for got, rows in ((z, mu[:, :-1]), (z_next, mu[:, 1:])):
+        noise = got - rows
+        assert noise.abs().mean() > 0.5 and noise.mean().abs() < 0.1  # N(0, 1) around the right row, not ±10 off
 
 
 def test_the_lstm_starts_with_a_forget_gate_bias_of_one():
