@@ -323,6 +323,32 @@ def mdn_loss(rnn: MDNRNN, batch: dict):
     return loss, metrics
 
 
+def vae_update(vae: VAE, opt, x, args: Args, check) -> tuple:
+    """One update of V on frames x (N, 3, 64, 64) in [0, 1]; `check(loss)` (the non-finite guard) runs before the
+    step. Returns (loss, reconstruction loss, KL)."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=args.bf16):
+        recon, mu, logvar = vae(x)
+    loss, r_loss, kl = vae_loss(recon.float(), x, mu.float(), logvar.float(), args.kl_tolerance)
+    check(loss)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss, r_loss, kl
+
+
+def mdn_update(rnn: MDNRNN, opt, batch: dict, args: Args, check) -> dict:
+    """One update of M on a batch of mdn_batch windows: loss, `check(loss)`, backward, gradients clipped by value
+    to ±rnn_grad_clip (official), Adam step. Returns the loss terms."""
+    with torch.autocast(batch["mu"].device.type, dtype=torch.bfloat16, enabled=args.bf16):
+        loss, metrics = mdn_loss(rnn, batch)
+    check(loss)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    nn.utils.clip_grad_value_(rnn.parameters(), args.rnn_grad_clip, foreach=True)
+    opt.step()
+    return metrics
+
+
 # Acting: the controller C and rollouts
 def controller_size(z_size: int, rnn_size: int, action_dim: int = 3) -> int:
     return (z_size + rnn_size) * action_dim + action_dim
@@ -535,13 +561,8 @@ def stage_vae(args: Args, vae: VAE, opt, state: dict, run_dir: str, writer, devi
             frames = frames[np.random.default_rng(args.seed + 7919 * state["vae_updates"]).permutation(len(frames))]
             for b in range(len(frames) // args.vae_batch_size):
                 x = frames_to_tensor(frames[b * args.vae_batch_size:(b + 1) * args.vae_batch_size], device)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-                    recon, mu, logvar = vae(x)
-                loss, r_loss, kl = vae_loss(recon.float(), x, mu.float(), logvar.float(), args.kl_tolerance)
-                check_finite({"vae_loss": loss}, state["vae_updates"], save)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                loss, r_loss, kl = vae_update(vae, opt, x, args,
+                                              lambda loss: check_finite({"vae_loss": loss}, state["vae_updates"], save))
                 state["vae_updates"] += 1
                 if stop:  # the weights so far are kept; the chunk is repeated on resume
                     return False
@@ -569,13 +590,8 @@ def stage_mdnrnn(args: Args, vae: VAE, rnn: MDNRNN, opt, state: dict, run_dir: s
     while state["rnn_updates"] < args.rnn_steps:
         batch = {k: torch.as_tensor(v, device=device) for k, v in
                  mdn_batch(series, args.rnn_batch_size, args.rnn_seq_len, rng).items()}
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-            loss, metrics = mdn_loss(rnn, batch)
-        check_finite({"mdn_loss": loss}, state["rnn_updates"], save)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_value_(rnn.parameters(), args.rnn_grad_clip, foreach=True)
-        opt.step()
+        metrics = mdn_update(rnn, opt, batch, args,
+                             lambda loss: check_finite({"mdn_loss": loss}, state["rnn_updates"], save))
         state["rnn_updates"] += 1
         if state["rnn_updates"] % args.log_every == 0:
             for k, v in metrics.items():

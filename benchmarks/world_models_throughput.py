@@ -4,8 +4,9 @@
 
 Process CPU time with torch.set_num_threads(1) (../shared/PERFORMANCE_TARGETS.md), median over `repeats` after
 two warm-up repetitions:
-  - V update: forward, loss, backward and Adam step on a batch of 100 random 64x64 RGB frames;
-  - M update: the MDN-RNN loss (z sampled from μ, log σ²), backward, value clipping and Adam step, batch 16 × 32;
+  - V update: the script's vae_update (forward, loss, backward, Adam step) on 100 random 64x64 RGB frames;
+  - M update: the script's mdn_update (z sampled from μ, log σ², loss, backward, value clipping, Adam step),
+    batch 16 × 32;
   - controller step per frame, env excluded: encode the frame with V, C's action, one LSTM step of M.
 Wall-clock rates: the raw CarRacing-v3 env through make_env (random actions, one process), the parallel
 collector (`_collect_rollout` in a pool of --workers processes, 200-step rollouts), and one 1,000-step
@@ -41,7 +42,7 @@ def main():
     opt = p.parse_args()
     torch.set_num_threads(1)
     keep_freed_memory()  # as the script does on a CPU
-    args = wm.Args()
+    args = wm.Args(bf16=opt.bf16)
     torch.manual_seed(0)
 
     vae, rnn = wm.VAE(args.z_size), wm.MDNRNN(args.z_size, 3, args.rnn_size, args.num_mixtures)
@@ -50,12 +51,7 @@ def main():
     frames = torch.rand(100, 3, 64, 64)
 
     def vae_update(_):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=opt.bf16):
-            recon, mu, logvar = vae(frames)
-        loss, _, _ = wm.vae_loss(recon.float(), frames, mu.float(), logvar.float(), args.kl_tolerance)
-        vae_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        vae_opt.step()
+        wm.vae_update(vae, vae_opt, frames, args, lambda loss: None)
 
     T = 33
     series = [dict(mu=np.random.randn(200, 32).astype(np.float32), logvar=np.full((200, 32), -2.0, np.float32),
@@ -64,12 +60,7 @@ def main():
     batch = {k: torch.as_tensor(v) for k, v in wm.mdn_batch(series, 16, T - 1, np.random.default_rng(0)).items()}
 
     def rnn_update(_):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=opt.bf16):
-            loss, _ = wm.mdn_loss(rnn, batch)
-        rnn_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_value_(rnn.parameters(), args.rnn_grad_clip, foreach=True)
-        rnn_opt.step()
+        wm.mdn_update(rnn, rnn_opt, batch, args, lambda loss: None)
 
     params = np.random.default_rng(0).standard_normal(wm.controller_size(args.z_size, args.rnn_size)) * 0.1
     obs = np.random.randint(0, 256, (3, 64, 64), np.uint8)

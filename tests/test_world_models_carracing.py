@@ -119,6 +119,27 @@ def test_m_reads_and_predicts_one_draw_of_z_per_frame():
         assert noise.abs().mean() > 0.5 and noise.mean().abs() < 0.1  # N(0, 1) around the right row, not ±10 off
 
 
+def test_mdn_update_runs_the_guard_before_stepping_and_clips_gradients_by_value():
+    torch.manual_seed(0)
+    rnn = wm.MDNRNN(4, 3, 8, 2)
+    opt = torch.optim.Adam(rnn.parameters(), 1e-3)
+    batch = dict(mu=torch.randn(2, 6, 4) * 3, logvar=torch.zeros(2, 6, 4), action=torch.rand(2, 5, 3),
+                 reward=torch.zeros(2, 5), done=torch.zeros(2, 5))
+    args = wm.Args(rnn_grad_clip=1e-4)
+    before = [p.detach().clone() for p in rnn.parameters()]
+
+    def refuse(loss):
+        raise RuntimeError("non-finite")
+
+    with pytest.raises(RuntimeError):
+        wm.mdn_update(rnn, opt, batch, args, refuse)
+    assert all(torch.equal(a, b) for a, b in zip(before, rnn.parameters()))  # the guard ran before any step
+    wm.mdn_update(rnn, opt, batch, args, lambda loss: None)
+    # Adam's first moment after one step is (1 - β1) g: with g clipped to ±1e-4 its largest entry is exactly 1e-5
+    largest = max(opt.state[p]["exp_avg"].abs().max().item() for p in rnn.parameters())
+    assert largest == pytest.approx(0.1 * 1e-4, rel=1e-5)
+
+
 def test_the_lstm_starts_with_a_forget_gate_bias_of_one():
     rnn = wm.MDNRNN(4, 3, 6, 5)
     total = rnn.lstm.bias_ih_l0 + rnn.lstm.bias_hh_l0
