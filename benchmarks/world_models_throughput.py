@@ -70,7 +70,7 @@ def main():
     def controller_step(_):
         z = wm.sample_z(*vae.encode(wm.frames_to_tensor(obs)[None]))
         action = wm.controller_action(params, z, state["h"])
-        out, state["s"] = rnn.lstm(torch.cat([z, action], -1)[:, None], state["s"])
+        out, state["s"] = rnn.lstm(rnn.lstm_input(z, action)[:, None], state["s"])
         state["h"] = out[:, 0]
 
     vae_t = cpu_seconds(vae_update, opt.repeats + 2)[2:]

@@ -66,8 +66,8 @@ def test_mdn_nll_equals_the_mixture_density_computed_by_hand():
 
 def test_mdn_head_gives_each_latent_dimension_its_own_normalised_mixture():
     rnn = wm.MDNRNN(2, 3, 8, 4)
-    # the paper's count, plus PyTorch's second LSTM bias vector (TensorFlow keeps one)
-    assert sum(p.numel() for p in wm.MDNRNN(32, 3, 256, 5).parameters()) == 422_368 + 4 * 256
+    # the paper's count, plus PyTorch's second LSTM bias vector (TensorFlow keeps one), plus the zero input's weights
+    assert sum(p.numel() for p in wm.MDNRNN(32, 3, 256, 5).parameters()) == 422_368 + 4 * 256 + 4 * 256
     with torch.no_grad():
         rnn.mdn.weight.zero_()
         rnn.mdn.bias.copy_(torch.arange(2 * 4 * 3, dtype=torch.float32))
@@ -146,6 +146,28 @@ def test_the_lstm_starts_with_a_forget_gate_bias_of_one():
     assert total[6:12].tolist() == [1.0] * 6 and total[:6].abs().sum() < 6  # gates i, f, g, o: only f is 1
 
 
+def test_m_with_its_zero_input_is_the_lstm_over_z_and_a_alone():
+    """z 32 + a 3 is odd, so M's LSTM reads one constant 0 after them (a speed measure): its outputs must equal an
+    LSTM over [z, a] with M's other weights, and the zero input's weights must get no gradient."""
+    torch.manual_seed(0)
+    rnn = wm.MDNRNN(32, 3, 16, 2)
+    assert rnn.lstm.input_size == 36 and wm.MDNRNN(32, 4, 16, 2).lstm.input_size == 36  # padded only when odd
+    plain = torch.nn.LSTM(35, 16, batch_first=True)
+    with torch.no_grad():
+        rnn.lstm.weight_ih_l0[:, 35:].normal_()  # whatever these weights hold, the input they read is 0
+        for name, p in plain.named_parameters():
+            p.copy_(getattr(rnn.lstm, name)[:, :35] if name == "weight_ih_l0" else getattr(rnn.lstm, name))
+    z, a = torch.randn(3, 5, 32), torch.rand(3, 5, 3)
+    torch.testing.assert_close(rnn.lstm(rnn.lstm_input(z, a))[0], plain(torch.cat([z, a], -1))[0])
+    batch = dict(mu=torch.randn(4, 6, 32), logvar=torch.zeros(4, 6, 32), action=torch.rand(4, 5, 3),
+                 reward=torch.zeros(4, 5), done=torch.zeros(4, 5))
+    pad_before, ih_before = rnn.lstm.weight_ih_l0[:, 35:].clone(), rnn.lstm.weight_ih_l0[:, :35].clone()
+    wm.mdn_update(rnn, torch.optim.Adam(rnn.parameters(), 1e-2), batch, wm.Args(), lambda loss: None)
+    assert torch.equal(rnn.lstm.weight_ih_l0.grad[:, 35:], torch.zeros(64, 1))
+    assert torch.equal(rnn.lstm.weight_ih_l0[:, 35:], pad_before)
+    assert not torch.equal(rnn.lstm.weight_ih_l0[:, :35], ih_before)
+
+
 # C ---------------------------------------------------------------------------------------------------
 def test_controller_has_867_parameters_and_maps_z_h_to_valid_actions():
     size = wm.controller_size(32, 256)
@@ -195,9 +217,9 @@ def test_the_controller_reads_h_t_before_m_sees_z_t_and_a_t():
     with torch.no_grad():
         z = vae.encode(wm.frames_to_tensor(env.frames[:3]))[0]  # z_0, z_1, z_2
         a0 = wm.controller_action(params, z[:1], torch.zeros(1, 6))  # h_0 = 0
-        h1 = rnn.lstm(torch.cat([z[:1], a0], -1)[:, None])[0][:, 0]  # h_1 = LSTM(z_0, a_0)
+        h1 = rnn.lstm(rnn.lstm_input(z[:1], a0)[:, None])[0][:, 0]  # h_1 = LSTM(z_0, a_0)
         a1 = wm.controller_action(params, z[1:2], h1)
-        h2 = rnn.lstm(torch.cat([z[:2], torch.cat([a0, a1])], -1)[None])[0][:, 1]  # h_2 = LSTM(z_1, a_1 | h_1)
+        h2 = rnn.lstm(rnn.lstm_input(z[:2], torch.cat([a0, a1]))[None])[0][:, 1]  # h_2 = LSTM(z_1, a_1 | h_1)
         a2 = wm.controller_action(params, z[2:3], h2)
     np.testing.assert_allclose(np.stack(env.actions), torch.cat([a0, a1, a2]).numpy(), rtol=1e-5, atol=1e-6)
     assert not np.allclose(env.actions[1], wm.controller_action(params, z[1:2], torch.zeros(1, 6))[0].numpy())
