@@ -161,11 +161,13 @@ def test_m_with_its_zero_input_is_the_lstm_over_z_and_a_alone():
     torch.testing.assert_close(rnn.lstm(rnn.lstm_input(z, a))[0], plain(torch.cat([z, a], -1))[0])
     batch = dict(mu=torch.randn(4, 6, 32), logvar=torch.zeros(4, 6, 32), action=torch.rand(4, 5, 3),
                  reward=torch.zeros(4, 5), done=torch.zeros(4, 5))
-    pad_before, ih_before = rnn.lstm.weight_ih_l0[:, 35:].clone(), rnn.lstm.weight_ih_l0[:, :35].clone()
-    wm.mdn_update(rnn, torch.optim.Adam(rnn.parameters(), 1e-2), batch, wm.Args(), lambda loss: None)
-    assert torch.equal(rnn.lstm.weight_ih_l0.grad[:, 35:], torch.zeros(64, 1))
-    assert torch.equal(rnn.lstm.weight_ih_l0[:, 35:], pad_before)
-    assert not torch.equal(rnn.lstm.weight_ih_l0[:, :35], ih_before)
+    opt = torch.optim.Adam(rnn.parameters(), 1e-2)
+    for bf16 in (False, True):  # oneDNN's fp32 and bf16 kernels
+        pad_before, ih_before = rnn.lstm.weight_ih_l0[:, 35:].clone(), rnn.lstm.weight_ih_l0[:, :35].clone()
+        wm.mdn_update(rnn, opt, batch, wm.Args(bf16=bf16), lambda loss: None)
+        assert torch.equal(rnn.lstm.weight_ih_l0.grad[:, 35:], torch.zeros(64, 1))
+        assert torch.equal(rnn.lstm.weight_ih_l0[:, 35:], pad_before)
+        assert not torch.equal(rnn.lstm.weight_ih_l0[:, :35], ih_before)
 
 
 # C ---------------------------------------------------------------------------------------------------
