@@ -228,8 +228,9 @@ class MDNRNN(nn.Module):
     def lstm_input(self, z, a):
         """[z_t, a_t] as the LSTM reads it, with one constant 0 appended when z + a has an odd width (32 + 3 here).
         Same model: a zero input adds nothing to the gates, and its weights get exactly zero gradient, so they stay
-        at their initial 0. The reason is speed alone: on a CPU with AMX, oneDNN runs a bf16 LSTM whose input
-        width is odd through a kernel without AMX; the M update went 9.5 → 7.2 ms with the even width."""
+        at their initial 0. The reason is speed alone: on a CPU with AMX, oneDNN runs the forward of a bf16 LSTM
+        whose input width is odd through a kernel without AMX; on one such CPU the M update went 9.5 → 7.6 ms
+        with the even width (benchmarks/RESULTS.md)."""
         if self.input_pad:
             return torch.cat([z, a, z.new_zeros(*z.shape[:-1], self.input_pad)], -1)
         return torch.cat([z, a], -1)
