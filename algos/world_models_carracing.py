@@ -393,21 +393,26 @@ def frames_to_tensor(obs, device="cpu"):
 
 
 @torch.no_grad()
+def controller_act(vae: VAE, rnn: MDNRNN, params, obs, h, state):
+    """One frame of acting: z_t sampled from V(o_t), a_t = C(z_t, h_t), and M's next state h_{t+1} = LSTM(z_t, a_t)
+    (it does not depend on the env's answer, so it is computed here). Returns (a_t, h_{t+1}, LSTM state)."""
+    z = sample_z(*vae.encode(frames_to_tensor(obs)[None]))
+    action = controller_action(params, z, h)
+    out, state = rnn.lstm(rnn.lstm_input(z, action)[:, None], state)
+    return action, out[:, 0], state
+
+
 def run_controller(env, vae: VAE, rnn: MDNRNN, params, seed: int, max_steps: int) -> float:
-    """One real episode: z_t sampled from V(o_t), a_t = C(z_t, h_t), then h_{t+1} = M's LSTM(z_t, a_t)."""
+    """One real episode of C with V and M; returns its return."""
     obs, _ = env.reset(seed=seed)
-    state = None
-    h = torch.zeros(1, rnn.lstm.hidden_size)
+    h, state = torch.zeros(1, rnn.lstm.hidden_size), None
     total = 0.0
     for _ in range(max_steps):
-        z = sample_z(*vae.encode(frames_to_tensor(obs)[None]))
-        action = controller_action(params, z, h)
+        action, h, state = controller_act(vae, rnn, params, obs, h, state)
         obs, reward, terminated, truncated, _ = env.step(action[0].numpy())
         total += float(reward)
         if terminated or truncated:
             break
-        out, state = rnn.lstm(rnn.lstm_input(z, action)[:, None], state)
-        h = out[:, 0]
     return total
 
 

@@ -7,7 +7,7 @@ two warm-up repetitions:
   - V update: the script's vae_update (forward, loss, backward, Adam step) on 100 random 64x64 RGB frames;
   - M update: the script's mdn_update (z sampled from μ, log σ², loss, backward, value clipping, Adam step),
     batch 16 × 32;
-  - controller step per frame, env excluded: encode the frame with V, C's action, one LSTM step of M.
+  - controller step per frame, env excluded: the script's controller_act (V encodes the frame, C acts, M takes one LSTM step).
 Wall-clock rates: the raw CarRacing-v3 env through make_env (random actions, one process), the parallel
 collector (`_collect_rollout` in a pool of --workers processes, 200-step rollouts), and one 1,000-step
 controller rollout (env + V + M + C) in this process, from which a CMA-ES generation at population 64 × 16
@@ -66,12 +66,8 @@ def main():
     obs = np.random.randint(0, 256, (3, 64, 64), np.uint8)
     state = {"h": torch.zeros(1, args.rnn_size), "s": None}
 
-    @torch.no_grad()
-    def controller_step(_):
-        z = wm.sample_z(*vae.encode(wm.frames_to_tensor(obs)[None]))
-        action = wm.controller_action(params, z, state["h"])
-        out, state["s"] = rnn.lstm(rnn.lstm_input(z, action)[:, None], state["s"])
-        state["h"] = out[:, 0]
+    def controller_step(_):  # the script's acting step, env excluded
+        _, state["h"], state["s"] = wm.controller_act(vae, rnn, params, obs, state["h"], state["s"])
 
     vae_t = cpu_seconds(vae_update, opt.repeats + 2)[2:]
     rnn_t = cpu_seconds(rnn_update, opt.repeats * 10 + 2)[2:]
