@@ -231,9 +231,7 @@ class MDNRNN(nn.Module):
         at their initial 0. The reason is speed alone: on a CPU with AMX, oneDNN runs the forward of a bf16 LSTM
         whose input width is odd through a kernel without AMX; on one such CPU the M update went 9.5 → 7.6 ms
         with the even width (benchmarks/RESULTS.md)."""
-        if self.input_pad:
-            return torch.cat([z, a, z.new_zeros(*z.shape[:-1], self.input_pad)], -1)
-        return torch.cat([z, a], -1)
+        return torch.cat([z, a, z.new_zeros(*z.shape[:-1], self.input_pad)], -1)  # width 0 when z + a is even
 
     def forward(self, z, a, state=None):
         """z (B, T, z), a (B, T, A) → (logmix, mean, logstd) each (B, T, K, z), reward (B, T), done logit (B, T), state."""
