@@ -190,7 +190,9 @@ class VAE(nn.Module):
         )
 
     def encode(self, x):  # x: (N, 3, 64, 64) in [0, 1]
-        h = self.encoder(x.contiguous(memory_format=torch.channels_last))
+        # Channels-last convs are faster on a CPU for batches but slower for the single frame C acts on
+        # (benchmarks/RESULTS.md), so one frame stays as it is. Same function either way.
+        h = self.encoder(x if len(x) == 1 else x.contiguous(memory_format=torch.channels_last))
         return self.mu(h), self.logvar(h)
 
     def decode(self, z):

@@ -31,6 +31,19 @@ def test_decoder_first_layer_as_a_matmul_equals_the_transposed_conv():
     torch.testing.assert_close(vae.decode(z), as_conv, rtol=1e-4, atol=1e-5)
 
 
+def test_a_single_frame_encodes_as_it_does_inside_a_batch():
+    # encode keeps one frame in its own memory format and converts batches to channels-last: same function
+    torch.manual_seed(0)
+    vae = wm.VAE(32)
+    frames = torch.rand(5, 3, 64, 64)
+    with torch.no_grad():
+        mu, logvar = vae.encode(frames)
+        for i in range(5):
+            one_mu, one_logvar = vae.encode(frames[i:i + 1])
+            torch.testing.assert_close(one_mu, mu[i:i + 1], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(one_logvar, logvar[i:i + 1], rtol=1e-4, atol=1e-5)
+
+
 def test_kl_term_is_the_closed_form_floored_per_frame_at_the_tolerance():
     mu = torch.tensor([[0.1, -0.2, 0.0, 0.3], [3.0, -2.0, 1.5, 2.5]])  # a small-KL frame and a large-KL frame
     logvar = torch.tensor([[0.0, -0.1, 0.1, 0.0], [-1.0, 0.5, -2.0, 0.3]])
