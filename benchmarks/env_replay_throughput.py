@@ -22,7 +22,7 @@ import gymnasium as gym  # noqa: E402
 import numpy as np  # noqa: E402
 from gymnasium.wrappers import AddRenderObservation, AtariPreprocessing, RepeatAction, ResizeObservation, TransformObservation  # noqa: E402
 
-from common.envs import MinAtarImages, _register, make_env  # noqa: E402
+from common.envs import _register, make_env  # noqa: E402
 from common.replay import Replay  # noqa: E402
 
 
@@ -42,7 +42,7 @@ def bare(env_id, pixels, minatar_frames=True):
         env = gym.make(env_id)
         if not minatar_frames:
             return env
-        c, h, w = MinAtarImages(env_id).observation_space.shape
+        h, w, c = env.observation_space.shape
         # the conversion make_env's MinAtarImages applies, as a gymnasium TransformObservation layer
         return TransformObservation(env, lambda s: (-s.view(np.uint8)).transpose(2, 0, 1), gym.spaces.Box(0, 255, (c, h, w), np.uint8))
     if env_id.startswith("CarRacing"):

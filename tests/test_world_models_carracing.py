@@ -35,7 +35,15 @@ def test_a_single_frame_encodes_as_it_does_inside_a_batch():
     # encode keeps one frame in its own memory format and converts batches to channels-last: same function
     vae = wm.VAE(32)
     frames = torch.rand(5, 3, 64, 64)
+    seen = []
+
+    def record_layout(module, inputs):
+        seen.append(inputs[0].is_contiguous(memory_format=torch.channels_last))
+
+    vae.encoder[0].register_forward_pre_hook(record_layout)
     with torch.no_grad():
+        vae.encode(frames[:1]), vae.encode(frames[:2])
+        assert seen == [False, True]  # the speed measure is in place: one frame as is, a batch channels-last
         mu, logvar = vae.encode(frames)
         for i in range(5):
             one_mu, one_logvar = vae.encode(frames[i:i + 1])
@@ -165,7 +173,6 @@ def test_the_lstm_starts_with_a_forget_gate_bias_of_one():
 def test_m_with_its_zero_input_is_the_lstm_over_z_and_a_alone():
     """z 32 + a 3 is odd, so M's LSTM reads one constant 0 after them (a speed measure): its outputs must equal an
     LSTM over [z, a] with M's other weights, and the zero input's weights must get no gradient."""
-    torch.manual_seed(0)
     rnn = wm.MDNRNN(32, 3, 16, 2)
     assert rnn.lstm.input_size == 36 and wm.MDNRNN(32, 4, 16, 2).lstm.input_size == 36  # padded only when odd
     plain = torch.nn.LSTM(35, 16, batch_first=True)
