@@ -13,6 +13,7 @@ import os
 import random
 import sys
 import time
+from collections import deque
 
 import numpy as np
 import torch
@@ -36,6 +37,17 @@ def parse_args(args_cls, presets: dict[str, dict], default_preset) -> object:
         raise SystemExit(f"Unknown preset '{preset}'; choose one of {', '.join(presets)}.")
     default = dataclasses.replace(args_cls(), preset=preset, **presets[preset])
     return tyro.cli(args_cls, default=default)
+
+
+def require(args, allowed: str, ok, *names: str) -> None:
+    """Stop before anything starts if a flag is out of its range: one sentence naming the flag, its value and the
+    allowed range, and exit code 2 as for tyro's own errors. `ok(value)` says whether a value is allowed."""
+    for name in names:
+        value = getattr(args, name)
+        if not ok(value):
+            flag = "--" + name.rstrip("_").replace("_", "-") + "_" * (len(name) - len(name.rstrip("_")))
+            print(f"error: {flag} {value} is out of range: it must be {allowed}.", file=sys.stderr)
+            raise SystemExit(2)
 
 
 def run_name(env_id: str, exp_name: str, seed: int) -> str:
@@ -82,22 +94,47 @@ def open_run(args, root: str = "runs") -> tuple[str, bool]:
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
+    """Seed python, numpy and torch (every device). With `deterministic`, cuDNN picks deterministic kernels and
+    cuBLAS gets the fixed workspace it needs for reproducible matmuls (CUBLAS_WORKSPACE_CONFIG, read when cuBLAS
+    starts: this runs before the first CUDA call); ops without a deterministic kernel warn."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
     torch.backends.cudnn.deterministic = deterministic
     if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def choose_device(cuda: bool) -> torch.device:
-    """CUDA if asked for and present, else the CPU (where freed memory is then kept for reuse, see below)."""
+    """CUDA if asked for and present, else the CPU. On CUDA fp32 matmuls and convolutions use TF32 (10-bit
+    mantissa, fp32 range; PyTorch's "high" precision); on the CPU freed memory is kept for reuse (see below)."""
     device = torch.device("cuda" if cuda and torch.cuda.is_available() else "cpu")
     why = "" if device.type == "cuda" or not cuda else " (no CUDA device found)"
-    print(f"device: {device}{why}")
-    if device.type == "cpu":
+    print(f"device: {device}{why}" + (f" ({torch.cuda.get_device_name(device)}, TF32 matmuls)" if device.type == "cuda" else ""))
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # cuDNN's convolutions use TF32 by default already
+    else:
         keep_freed_memory()
     return device
+
+
+def to_device(arrays: dict, device) -> dict:
+    """A batch of numpy arrays (or CPU tensors) as tensors on `device`. On CUDA each goes through pinned memory
+    and is copied without blocking the host, so the upload overlaps the kernels already queued."""
+    if torch.device(device).type != "cuda":
+        return {k: torch.as_tensor(v, device=device) for k, v in arrays.items()}
+    return {k: torch.as_tensor(v).pin_memory().to(device, non_blocking=True) for k, v in arrays.items()}
+
+
+def mean(values: list) -> float:
+    """The mean of logged values: floats, or 0-d tensors kept on their device until the log line (reading each
+    one as it is made would wait for the device at every update)."""
+    if not values:
+        return float("nan")
+    tensors = [torch.as_tensor(v).detach().float().reshape(()) for v in values]
+    device = next((t.device for t in tensors if t.device.type != "cpu"), torch.device("cpu"))
+    return float(torch.stack([t.to(device) for t in tensors]).mean())
 
 
 def keep_freed_memory() -> bool:
@@ -135,12 +172,25 @@ def rng_states() -> dict:
     return states
 
 
-def set_rng_states(states: dict) -> None:
+def set_rng_states(states: dict, device="cpu") -> None:
+    """Restore the states rng_states() saved. torch wants its generator states as CPU ByteTensors whatever the
+    device they seed. The CUDA states are restored when the run is on CUDA; a checkpoint written on a GPU and
+    resumed on a CPU skips them, saying so, and one written on a CPU leaves the CUDA generators as seeded."""
     random.setstate(states["python"])
     np.random.set_state(states["numpy"])
-    torch.set_rng_state(states["torch"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+    torch.set_rng_state(states["torch"].cpu())
+    if "cuda" not in states:
+        return
+    if torch.device(device).type != "cuda":
+        print("resume: the checkpoint's CUDA random states are skipped (this run is not on CUDA)")
+        return
+    cuda_states = [s.cpu() for s in states["cuda"]]
+    n = torch.cuda.device_count()
+    if len(cuda_states) != n:
+        print(f"resume: the checkpoint has CUDA random states for {len(cuda_states)} devices, this machine {n}; "
+              f"restoring the first {min(n, len(cuda_states))}")
+    for i, state in enumerate(cuda_states[:n]):
+        torch.cuda.set_rng_state(state, i)
 
 
 def save_checkpoint(path: str, state: dict) -> None:
@@ -156,9 +206,13 @@ def save_checkpoint(path: str, state: dict) -> None:
 def load_checkpoint(path: str, device="cpu", **objects) -> dict:
     """Load a checkpoint written by save_checkpoint, restore the global RNG states from it and load each given
     module or optimizer from the entry of its name. One that does not fit (a network setting given differently
-    from the stored run's) stops with one sentence instead of a size-mismatch traceback."""
-    state = torch.load(path, map_location=device, weights_only=False)
-    set_rng_states(state["rng"])
+    from the stored run's) stops with one sentence instead of a size-mismatch traceback.
+
+    Everything is read onto the CPU whatever the run's `device`: load_state_dict copies weights and optimizer
+    state onto the device their module lives on, and the RNG states must stay CPU ByteTensors (mapped onto a GPU,
+    torch.set_rng_state raises TypeError). So a checkpoint written on a CPU resumes on CUDA and the reverse."""
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    set_rng_states(state["rng"], device)
     for name, obj in objects.items():
         try:
             obj.load_state_dict(state[name])
@@ -169,20 +223,39 @@ def load_checkpoint(path: str, device="cpu", **objects) -> dict:
 
 
 class Progress:
-    """The stdout line every `log_every` steps: step/total, SPS, ETA, latest return."""
+    """The stdout line every `log_every` steps: phase, step/total, SPS, ETA, latest return.
 
-    def __init__(self, total: int, start_step: int = 0):
+    SPS and ETA come from the recent rate: the steps and seconds since the line `window` lines back, or since the
+    current phase began if that is later. A run's phases go at very different speeds (a random prefill at
+    thousands of steps/s, training at a few), so a rate averaged from the start of the run would give the
+    prefill's ETA to the training phase. `sps()` (charts/SPS) stays the average since this process started."""
+
+    def __init__(self, total: int, start_step: int = 0, phase: str = "train", window: int = 5):
         self.total, self.start_step, self.start_time = total, start_step, time.time()
+        self.window = window
+        self.start_phase(phase, start_step)
+
+    def start_phase(self, phase: str, step: int) -> None:
+        """Call where a phase begins (e.g. the first update after the prefill): its rate is measured from here."""
+        self.phase = phase
+        self.marks = deque([(time.time(), step)], maxlen=self.window)
 
     def sps(self, step: int) -> float:
         return (step - self.start_step) / max(time.time() - self.start_time, 1e-9)
 
     def line(self, step: int, last_return: float | None) -> str:
-        sps = self.sps(step)
+        now = time.time()
+        then, step_then = self.marks[0]
+        self.marks.append((now, step))
+        sps = (step - step_then) / max(now - then, 1e-9)
         eta = (self.total - step) / sps if sps > 0 else float("inf")
         ret = "-" if last_return is None else f"{last_return:.1f}"
-        h, m = divmod(int(eta // 60), 60) if np.isfinite(eta) else (0, 0)
-        return f"step {step}/{self.total}  SPS {sps:.0f}  ETA {h}h{m:02d}m  return {ret}"
+        if np.isfinite(eta):
+            h, m = divmod(int(eta // 60), 60)
+            eta_text = f"{h // 24}d{h % 24:02d}h{m:02d}m" if h >= 24 else f"{h}h{m:02d}m"
+        else:
+            eta_text = "-"
+        return f"{self.phase}  step {step}/{self.total}  SPS {sps:.0f}  ETA {eta_text}  return {ret}"
 
 
 class NonFiniteLoss(RuntimeError):
@@ -190,11 +263,17 @@ class NonFiniteLoss(RuntimeError):
 
 
 def check_finite(losses: dict, step: int, save) -> None:
-    """Stop the run at the first non-finite loss: call `save()` (a checkpoint), then raise naming it."""
-    for name, value in losses.items():
-        if not torch.isfinite(torch.as_tensor(value)).all():
-            path = save()
-            raise NonFiniteLoss(f"Non-finite loss '{name}' ({float(value)}) at update {step}; checkpoint saved to {path}.")
+    """Stop the run at the first non-finite loss: call `save()` (a checkpoint), then raise naming it. The losses
+    are checked as one stacked tensor: one host synchronisation however many there are (on CUDA each
+    bool() of a device tensor waits for every queued kernel)."""
+    values = [torch.as_tensor(v).detach().float().reshape(-1) for v in losses.values()]
+    values = [v.to(values[0].device) for v in values]
+    if bool(torch.isfinite(torch.cat(values)).all()):
+        return
+    name, value = next((n, v) for n, v in zip(losses, values) if not torch.isfinite(v).all())
+    path = save()
+    raise NonFiniteLoss(f"Non-finite loss '{name}' ({float(value[0]) if value.numel() == 1 else value.tolist()}) "
+                        f"at update {step}; checkpoint saved to {path}.")
 
 
 def add_video(writer: SummaryWriter, tag: str, video, step: int, fps: int = 10) -> None:

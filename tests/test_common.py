@@ -16,7 +16,9 @@ import torch
 
 from common.envs import make_env
 from common.replay import Replay, load_episode
-from common.run import NonFiniteLoss, check_finite, load_checkpoint, open_run, parse_args, save_checkpoint
+from common.run import (
+    NonFiniteLoss, Progress, check_finite, load_checkpoint, open_run, parse_args, save_checkpoint, set_rng_states,
+)
 
 
 # Environments ---------------------------------------------------------------------------------
@@ -277,6 +279,44 @@ def test_checkpoint_round_trip_restores_the_random_streams(tmp_path):
     assert random.random() == draws[0]
     np.testing.assert_array_equal(np.random.rand(3), draws[1])
     assert torch.equal(torch.rand(3), draws[2])
+
+
+def test_checkpoint_resumes_on_another_device_with_the_rng_states_on_the_cpu(tmp_path):
+    # A run on CUDA passes its device to load_checkpoint; mapping the checkpoint onto it moved the saved RNG
+    # ByteTensors off the CPU and torch.set_rng_state raised TypeError. The meta device reproduces that here.
+    path = str(tmp_path / "checkpoint.pt")
+    net = torch.nn.Linear(3, 4)
+    torch.manual_seed(5)
+    save_checkpoint(path, {"net": net.state_dict()})
+    draw = torch.rand(2)
+    torch.manual_seed(6)
+    same = torch.nn.Linear(3, 4)
+    load_checkpoint(path, "meta", net=same)
+    assert torch.equal(torch.rand(2), draw) and torch.equal(same.weight, net.weight)
+
+
+def test_cuda_random_states_are_skipped_with_a_line_when_the_run_is_not_on_cuda(capsys):
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+              "cuda": [torch.get_rng_state()]}  # as a GPU machine writes them; never handed to CUDA here
+    set_rng_states(states, "cpu")
+    assert "CUDA random states are skipped" in capsys.readouterr().out
+
+
+def test_progress_eta_comes_from_the_recent_rate_of_the_current_phase(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr("common.run.time.time", lambda: clock[0])
+    progress = Progress(1_000_000, 0, "prefill")
+    clock[0] = 10.0
+    assert progress.line(100_000, None).startswith("prefill  step 100000/1000000  SPS 10000  ETA 0h01m")
+    clock[0] = 20.0
+    progress.start_phase("train", 200_000)  # training goes at 100 steps/s from here
+    for i in range(1, 8):
+        clock[0] = 20.0 + 100.0 * i
+        line = progress.line(200_000 + 10_000 * i, 1.5)
+    remaining = 1_000_000 - 270_000
+    assert line.startswith(f"train  step 270000/1000000  SPS 100  ETA {remaining // 100 // 3600}h")
+    assert line.endswith("return 1.5")
+    assert progress.sps(270_000) == 270_000 / 720.0  # charts/SPS: since this process started
 
 
 def test_checkpoint_loads_named_objects_and_a_mismatched_one_stops_with_one_sentence(tmp_path):
