@@ -8,12 +8,12 @@ goal image is reached by model-predictive control: CEM searches action sequences
 features are closest to the goal image's features. No reward and no reconstruction are involved.
 
 Run:  python algos/dino_wm.py --env-id PointMaze_UMaze-v3 --encoder-weights dinov2_vits14.pth   (paper preset, GPU)
-      python algos/dino_wm.py --env-id Wall-v0                                             (small preset, CPU)
+      python algos/dino_wm.py --env-id Wall-v0 --preset small                              (small preset, CPU)
       python algos/dino_wm.py --resume runs/<run_name> --env-id ...                        (continue a stopped run)
 Phases, each resumable: 1. generate the offline dataset (random smooth actions) into runs/<run>/episodes;
 2. train the predictor (and the optional visualisation decoder); 3. evaluate `eval_episodes` goal-reaching
-episodes by MPC with CEM and report the success rate. The preset is chosen from --preset (default: paper on
-CUDA, small otherwise); every flag given explicitly wins over the preset.
+episodes by MPC with CEM and report the success rate. The preset is chosen with --preset (default: paper, whatever
+the hardware; small for a CPU); every flag given explicitly wins over the preset.
 
 Alignment (frameskip f = 5; replay rows follow common/replay.py, action[t] produced obs[t]):
 
@@ -58,8 +58,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common.goal_envs import GOAL_ENV_IDS, make_goal_env  # noqa: E402
 from common.replay import load_episode, save_episode  # noqa: E402
 from common.run import (  # noqa: E402
-    add_video, check_finite, choose_device, load_checkpoint, make_writer, open_run, parse_args, save_checkpoint,
-    seed_everything,
+    add_video, check_finite, choose_device, load_checkpoint, make_writer, open_run, parse_args, require,
+    save_checkpoint, seed_everything, to_device,
 )
 
 
@@ -77,7 +77,7 @@ class Args:
     total_timesteps: int = 200_000
     """environment steps of the generated offline dataset (2,000 episodes of 100 steps)"""
     cuda: bool = True
-    """use CUDA if available"""
+    """use CUDA if available (fp32 matmuls and convolutions then run in TF32: float32_matmul_precision high)"""
     torch_deterministic: bool = False
     """torch.backends.cudnn.deterministic and deterministic algorithms"""
     bf16: bool = False
@@ -89,11 +89,11 @@ class Args:
     resume: str | None = None
     """a run directory to continue (same env id); its dataset, model and evaluation results are reloaded"""
     eval_episodes: int = 50
-    """goal-reaching evaluation episodes"""
+    """goal-reaching evaluation episodes; 0: none"""
     log_every: int = 100
     """updates between logged losses"""
     video_every: int = 1_000
-    """updates between open-loop videos (media/openloop; needs --decoder)"""
+    """updates between open-loop videos (media/openloop; needs --decoder); 0: none"""
     checkpoint_every: int = 1_000
     """updates between checkpoints"""
 
@@ -141,7 +141,7 @@ class Args:
     batch_size: int = 32
     """sequences of num_hist + 1 model frames per batch"""
     train_steps: int = 20_000
-    """predictor updates"""
+    """predictor updates; 0: none"""
     predictor_lr: float = 5e-4
     """learning rate of the predictor"""
     encoder_lr: float = 5e-4
@@ -183,7 +183,23 @@ PRESETS = {
 
 
 def default_preset(env_id: str) -> str:
-    return "paper" if torch.cuda.is_available() else "small"
+    """Every env id here is one of the paper's tasks: the paper preset, on any hardware; --preset small for a CPU."""
+    return "paper"
+
+
+def check_args(args: Args) -> None:
+    """Each numeric flag in its range, before a run directory is made or an env built (common/run.py require)."""
+    require(args, "≥ 1", lambda v: v >= 1, "total_timesteps", "log_every", "checkpoint_every", "episode_length",
+            "frameskip", "goal_h", "frame_size", "num_hist", "depth", "heads", "dim_head", "mlp_dim", "action_emb",
+            "proprio_emb", "batch_size", "horizon", "samples", "max_replans")
+    require(args, "a positive multiple of the 14-px patch", lambda v: v >= 14 and v % 14 == 0, "image_size")
+    require(args, f"in 2 … --samples ({args.samples})", lambda v: 2 <= v <= args.samples, "elites")
+    require(args, f"in 1 … --horizon ({args.horizon})", lambda v: 1 <= v <= args.horizon, "execute_steps")
+    require(args, "≥ 0 (0: off)", lambda v: v >= 0, "eval_episodes", "video_every", "train_steps")
+    require(args, "≥ 0 (0: 30 on PushT, else 10)", lambda v: v >= 0, "cem_iters")
+    require(args, "≥ 0", lambda v: v >= 0, "seed", "alpha")
+    require(args, "> 0", lambda v: v > 0, "predictor_lr", "encoder_lr", "decoder_lr", "var_scale")
+    require(args, "in [0, 1)", lambda v: 0 <= v < 1, "dropout")
 
 
 # Encoder: DINOv2 ViT-S/14 in the official module and parameter names
@@ -300,6 +316,17 @@ def frame_causal_mask(num_frames: int, patches: int) -> torch.Tensor:
     return frame[None, :] <= frame[:, None]
 
 
+def masked_attention(q, k, v, mask, drop: float):
+    """softmax(q kᵀ/√d, keys where `mask` is False left out) v, with dropout `drop` on the probabilities."""
+    if drop > 0 and q.device.type == "cpu":
+        # speed (CPU): written out; PyTorch's CPU attention with dropout is unfused and upcasts to fp32, and took most
+        # of a paper-size training step. The plain form is the line below, which CUDA runs fused (written out there,
+        # the probabilities of a paper-size batch would take ~10 GB).
+        att = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+        return F.dropout(att.masked_fill(~mask, float("-inf")).softmax(-1), drop) @ v
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, heads: int, dim_head: int, dropout: float):
         super().__init__()
@@ -311,13 +338,7 @@ class Attention(nn.Module):
     def forward(self, x, mask):
         b, n, _ = x.shape
         q, k, v = self.to_qkv(self.norm(x)).view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
-        if self.training and self.dropout > 0:
-            # softmax(q kᵀ/√d + mask) with dropout, written out: PyTorch's CPU attention with dropout is unfused and
-            # upcasts to fp32, and took most of a paper-size training step
-            att = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
-            out = F.dropout(att.masked_fill(~mask, float("-inf")).softmax(-1), self.dropout) @ v
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = masked_attention(q, k, v, mask, self.dropout if self.training else 0.0)
         return self.to_out(out.transpose(1, 2).reshape(b, n, -1))
 
 
@@ -549,15 +570,12 @@ def plan_episode(wm: WorldModel, env, goal_state, goal_obs, obs, args: Args, dev
 
 
 def main(args: Args):
+    check_args(args)
     if args.env_id not in GOAL_ENV_IDS:
         raise SystemExit(f"DINO-WM plans towards goal images in {', '.join(GOAL_ENV_IDS)}; '{args.env_id}' is not one "
                          "of them (a vector or reward-only env has no goal image).")
     if args.encoder not in ("dino", "pixels") or args.planner not in ("cem", "random"):
         raise SystemExit("--encoder must be dino or pixels, and --planner cem or random.")
-    if args.image_size % 14:
-        raise SystemExit(f"--image-size {args.image_size} must be a multiple of the 14-px patch.")
-    if args.elites > args.samples or args.elites < 2:
-        raise SystemExit(f"--elites ({args.elites}) must be between 2 and --samples ({args.samples}).")
     if args.encoder_weights and not os.path.isfile(args.encoder_weights):
         raise SystemExit(f"--encoder-weights '{args.encoder_weights}' is not a file.")
     env = make_goal_env(args.env_id, args.frame_size)
@@ -645,14 +663,12 @@ def main(args: Args):
     def batch_latents(idx):
         """Frames (uint8), their features and latents z for the windows starts[idx]."""
         wins = [gather_window(episodes, e, s, frames_needed, args.frameskip) for e, s in starts[idx]]
-        obs = torch.as_tensor(np.stack([w["obs"] for w in wins]), device=device)
+        batch = to_device({k: np.stack([w[k] for w in wins]) for k in ("obs", "proprio", "action")}, device)
         if features is not None:
             feats = torch.stack([features[e][w["rows"]] for (e, _), w in zip(starts[idx], wins)])
         else:
-            feats = wm.encode_frames(obs)
-        proprio = torch.as_tensor(np.stack([w["proprio"] for w in wins]), device=device)
-        action = torch.as_tensor(np.stack([w["action"] for w in wins]), device=device)
-        return obs, feats, wm.latent(feats, proprio, action)
+            feats = wm.encode_frames(batch["obs"])
+        return batch["obs"], feats, wm.latent(feats, batch["proprio"], batch["action"])
 
     try:
         # 3. training (official train.py: teacher-forced next-frame prediction)
@@ -676,13 +692,13 @@ def main(args: Args):
             opt.step()
             updates += 1
             for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
+                sums[k] = sums.get(k, 0.0) + v.detach().float()  # device tensors, read when logged
             if updates % args.log_every == 0:
                 for k, v in sums.items():
-                    writer.add_scalar(f"world_model/{k}", v / args.log_every, updates)
+                    writer.add_scalar(f"world_model/{k}", float(v) / args.log_every, updates)
                 ms = 1000 * (time.perf_counter() - t0) / args.log_every
                 writer.add_scalar("perf/train_step_ms", ms, updates)
-                print(f"update {updates}/{args.train_steps}  z_loss {sums['z_loss'] / args.log_every:.4f}  {ms:.0f} ms/update",
+                print(f"update {updates}/{args.train_steps}  z_loss {float(sums['z_loss']) / args.log_every:.4f}  {ms:.0f} ms/update",
                       flush=True)
                 t0, sums = time.perf_counter(), {}
             if wm.decoder is not None and args.video_every and updates % args.video_every == 0:

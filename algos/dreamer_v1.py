@@ -47,8 +47,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common.envs import default_action_repeat, env_family, is_image_space, make_env  # noqa: E402
 from common.replay import Replay  # noqa: E402
 from common.run import (  # noqa: E402
-    Progress, add_video, check_finite, choose_device, load_checkpoint, make_writer, open_run, parse_args, save_checkpoint,
-    seed_everything,
+    Progress, add_video, check_finite, choose_device, load_checkpoint, make_writer, mean, open_run, parse_args,
+    require, save_checkpoint, seed_everything, to_device,
 )
 
 
@@ -66,7 +66,7 @@ class Args:
     total_timesteps: int = 5_000_000
     """environment steps (counting action repeat) to train for"""
     cuda: bool = True
-    """use CUDA if available"""
+    """use CUDA if available (fp32 matmuls and convolutions then run in TF32: float32_matmul_precision high)"""
     torch_deterministic: bool = False
     """torch.backends.cudnn.deterministic and deterministic algorithms"""
     bf16: bool = False
@@ -78,11 +78,11 @@ class Args:
     resume: str | None = None
     """a run directory to continue (same env id); its episodes are reloaded from disk"""
     eval_episodes: int = 10
-    """greedy evaluation episodes at the end of training"""
+    """greedy evaluation episodes at the end of training; 0: none"""
     log_every: int = 10_000
     """environment steps between progress lines and scalar logs"""
     video_every: int = 1_000
-    """updates between open-loop videos (media/openloop)"""
+    """updates between open-loop videos (media/openloop); 0: none"""
     checkpoint_every: int = 1_000
     """updates between checkpoints"""
 
@@ -166,6 +166,20 @@ PRESETS = {
 
 def default_preset(env_id: str) -> str:
     return "dmc" if env_family(env_id) == "dmc" else "small"
+
+
+def check_args(args: Args) -> None:
+    """Each numeric flag in its range, before a run directory is made or an env built (common/run.py require)."""
+    require(args, "≥ 1", lambda v: v >= 1, "total_timesteps", "log_every", "checkpoint_every", "replay_capacity",
+            "prefill", "pretrain", "train_every", "train_steps", "batch_size", "batch_length", "deter", "stoch",
+            "hidden", "units", "cnn_depth", "horizon")
+    require(args, "≥ 0 (0: off)", lambda v: v >= 0, "eval_episodes", "video_every")
+    require(args, "≥ 0 (0: the env family's default)", lambda v: v >= 0, "action_repeat")
+    require(args, "≥ 0", lambda v: v >= 0, "seed", "min_std", "free_nats", "kl_scale", "discount_scale", "expl_amount")
+    require(args, "> 0", lambda v: v > 0, "model_lr", "actor_lr", "value_lr", "action_init_std", "action_mean_scale",
+            "adam_eps", "grad_clip")
+    require(args, "in [0, 1]", lambda v: 0 <= v <= 1, "lambda_")
+    require(args, "in (0, 1]", lambda v: 0 < v <= 1, "gamma")
 
 
 # Networks
@@ -609,6 +623,7 @@ def openloop_video(wm: WorldModel, batch: dict, context: int = 5):
 
 # Training loop (Algorithm 1 of the paper)
 def main(args: Args):
+    check_args(args)
     if args.action_repeat == 0:
         args.action_repeat = default_action_repeat(args.env_id)
     env_kwargs = dict(pixels=args.pixels, action_repeat=args.action_repeat)
@@ -668,18 +683,18 @@ def main(args: Args):
         nonlocal updates
         t0 = time.perf_counter()
         data = replay.sample(args.batch_size, args.batch_length)
-        batch = {k: torch.as_tensor(v, device=device) for k, v in data.items()}
+        batch = to_device(data, device)
         metrics = train_update(wm, actor, value_net, opts, batch, args, updates, save)
         updates += 1
         for k, v in metrics.items():
-            metrics_log.setdefault(k, []).append(float(v))
+            metrics_log.setdefault(k, []).append(v)  # a device tensor, read when logged
         metrics_log.setdefault("train_step_ms", []).append(1000 * (time.perf_counter() - t0))
         if args.video_every and updates % args.video_every == 0 and wm.image:
             add_video(writer, "media/openloop", openloop_video(wm, batch), global_step)
         if args.save_model and updates % args.checkpoint_every == 0:
             save()
 
-    progress = Progress(args.total_timesteps, global_step)
+    progress = Progress(args.total_timesteps, global_step, "prefill" if updates == 0 else "train")
     obs, _ = env.reset(seed=args.seed + global_step)
     is_first = True
     next_log = (global_step // args.log_every + 1) * args.log_every
@@ -690,6 +705,8 @@ def main(args: Args):
         while global_step < args.total_timesteps:
             # learn: once `pretrain` updates after the prefill, then `train_steps` every `train_every` env steps
             if global_step >= next_train:
+                if updates == 0:
+                    progress.start_phase("train", global_step)
                 rounds = args.pretrain if updates == 0 else args.train_steps
                 for _ in range(rounds):
                     if stop:
@@ -723,7 +740,7 @@ def main(args: Args):
                 next_log += args.log_every
                 for k, v in metrics_log.items():
                     tag = "perf" if k.endswith("_ms") else "world_model" if k in ("kl", "image_loss", "reward_loss", "discount_loss") else "losses"
-                    writer.add_scalar(f"{tag}/{k}", float(np.mean(v)), global_step)
+                    writer.add_scalar(f"{tag}/{k}", mean(v), global_step)
                 metrics_log.clear()
                 writer.add_scalar("charts/SPS", progress.sps(global_step), global_step)
                 print(progress.line(global_step, last_return), f"updates {updates}", flush=True)

@@ -51,8 +51,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common.envs import env_family, is_image_space, make_env  # noqa: E402
 from common.replay import Replay  # noqa: E402
 from common.run import (  # noqa: E402
-    Progress, add_video, check_finite, choose_device, load_checkpoint, make_writer, open_run, parse_args, save_checkpoint,
-    seed_everything,
+    Progress, add_video, check_finite, choose_device, load_checkpoint, make_writer, mean, open_run, parse_args,
+    require, save_checkpoint, seed_everything, to_device,
 )
 
 
@@ -70,7 +70,7 @@ class Args:
     total_timesteps: int = 200_000_000
     """environment steps (frames, counting action repeat) to train for"""
     cuda: bool = True
-    """use CUDA if available"""
+    """use CUDA if available (fp32 matmuls and convolutions then run in TF32: float32_matmul_precision high)"""
     torch_deterministic: bool = False
     """torch.backends.cudnn.deterministic and deterministic algorithms"""
     bf16: bool = False
@@ -82,11 +82,11 @@ class Args:
     resume: str | None = None
     """a run directory to continue (same env id); its episodes are reloaded from disk"""
     eval_episodes: int = 10
-    """greedy evaluation episodes at the end of training"""
+    """greedy evaluation episodes at the end of training; 0: none"""
     log_every: int = 10_000
     """environment steps between progress lines and scalar logs"""
     video_every: int = 10_000
-    """updates between open-loop videos (media/openloop)"""
+    """updates between open-loop videos (media/openloop); 0: none"""
     checkpoint_every: int = 1_000
     """updates between checkpoints"""
 
@@ -189,6 +189,19 @@ PRESETS = {
 
 def default_preset(env_id: str) -> str:
     return {"atari": "atari", "dmc": "dmc"}.get(env_family(env_id), "small")
+
+
+def check_args(args: Args) -> None:
+    """Each numeric flag in its range, before a run directory is made or an env built (common/run.py require)."""
+    require(args, "≥ 1", lambda v: v >= 1, "total_timesteps", "log_every", "checkpoint_every", "action_repeat",
+            "replay_capacity", "batch_size", "batch_length", "prefill", "pretrain", "train_every", "deter", "stoch",
+            "classes", "hidden", "cnn_depth", "mlp_layers", "mlp_units", "horizon", "target_update_every")
+    require(args, "≥ 0 (0: off)", lambda v: v >= 0, "eval_episodes", "video_every")
+    require(args, "≥ 0", lambda v: v >= 0, "seed", "kl_scale", "free_nats", "discount_scale", "actor_entropy")
+    require(args, "> 0", lambda v: v > 0, "model_lr", "actor_lr", "critic_lr", "adam_eps", "grad_clip")
+    require(args, "in [0, 1]", lambda v: 0 <= v <= 1, "kl_balance", "lambda_")
+    require(args, "in (0, 1]", lambda v: 0 < v <= 1, "gamma")
+    require(args, "in [0, 1)", lambda v: 0 <= v < 1, "weight_decay")
 
 
 # Networks
@@ -691,6 +704,7 @@ def openloop_video(wm: WorldModel, batch: dict, context: int = 5):
 
 # Training loop (Algorithm 1 of the paper)
 def main(args: Args):
+    check_args(args)
     family = env_family(args.env_id)
     env_kwargs = dict(pixels=args.pixels, grayscale=args.grayscale and family == "atari",
                       action_repeat=args.action_repeat, life_loss=args.life_loss)
@@ -757,18 +771,18 @@ def main(args: Args):
         nonlocal updates
         t0 = time.perf_counter()
         data = replay.sample(args.batch_size, args.batch_length)
-        batch = {k: torch.as_tensor(v, device=device) for k, v in data.items()}
+        batch = to_device(data, device)
         metrics = train_update(wm, actor, critic, target_critic, opts, batch, args, discrete, updates, save)
         updates += 1
         for k, v in metrics.items():
-            metrics_log.setdefault(k, []).append(float(v))
+            metrics_log.setdefault(k, []).append(v)  # a device tensor, read when logged
         metrics_log.setdefault("train_step_ms", []).append(1000 * (time.perf_counter() - t0))
         if args.video_every and updates % args.video_every == 0 and wm.image:
             add_video(writer, "media/openloop", openloop_video(wm, batch), global_step)
         if args.save_model and updates % args.checkpoint_every == 0:
             save()
 
-    progress = Progress(args.total_timesteps, global_step)
+    progress = Progress(args.total_timesteps, global_step, "prefill" if global_step < prefill_steps else "train")
     obs, _ = env.reset(seed=args.seed + global_step)
     is_first, agent_steps = True, global_step // args.action_repeat
     next_log = (global_step // args.log_every + 1) * args.log_every
@@ -802,6 +816,7 @@ def main(args: Args):
             # learn
             if global_step >= prefill_steps:
                 if updates == 0:
+                    progress.start_phase("train", global_step)
                     for _ in range(args.pretrain):
                         update()
                 elif agent_steps % args.train_every == 0:
@@ -811,7 +826,7 @@ def main(args: Args):
                 next_log += args.log_every
                 for k, v in metrics_log.items():
                     tag = "perf" if k.endswith("_ms") else "world_model" if k in ("kl", "image_loss", "reward_loss", "discount_loss") else "losses"
-                    writer.add_scalar(f"{tag}/{k}", float(np.mean(v)), global_step)
+                    writer.add_scalar(f"{tag}/{k}", mean(v), global_step)
                 metrics_log.clear()
                 writer.add_scalar("charts/SPS", progress.sps(global_step), global_step)
                 print(progress.line(global_step, last_return), f"updates {updates}", flush=True)

@@ -84,8 +84,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common.envs import env_family, is_image_space, make_env  # noqa: E402
 from common.replay import Replay  # noqa: E402
 from common.run import (  # noqa: E402
-    Progress, add_video, check_finite, choose_device, load_checkpoint, make_writer, open_run, parse_args, save_checkpoint,
-    seed_everything,
+    Progress, add_video, check_finite, choose_device, load_checkpoint, make_writer, open_run, parse_args, require,
+    save_checkpoint, seed_everything, to_device,
 )
 
 
@@ -103,7 +103,7 @@ class Args:
     total_timesteps: int = 400_000
     """environment frames to collect (Atari 100k: 100k agent steps × frame skip 4)"""
     cuda: bool = True
-    """use CUDA if available"""
+    """use CUDA if available (fp32 matmuls and convolutions then run in TF32: float32_matmul_precision high)"""
     torch_deterministic: bool = False
     """torch.backends.cudnn.deterministic and deterministic algorithms"""
     bf16: bool = False
@@ -115,11 +115,11 @@ class Args:
     resume: str | None = None
     """a run directory to continue (same env id); its episodes are reloaded from disk"""
     eval_episodes: int = 16
-    """evaluation episodes at the end of training (official test: 16, temperature 0.5, no life loss)"""
+    """evaluation episodes at the end of training (official test: 16, temperature 0.5, no life loss); 0: none"""
     log_every: int = 4_000
     """environment frames between progress lines"""
     video_every: int = 10
-    """epochs between open-loop videos (media/openloop) once the world model trains"""
+    """epochs between open-loop videos (media/openloop) once the world model trains; 0: none"""
     checkpoint_every: int = 1
     """epochs between checkpoints (a stop mid-epoch saves too)"""
 
@@ -243,6 +243,25 @@ def default_preset(env_id: str) -> str:
     return "atari" if env_family(env_id) == "atari" else "small"
 
 
+def check_args(args: Args) -> None:
+    """Each numeric flag in its range, before a run directory is made or an env built (common/run.py require)."""
+    require(args, "≥ 1", lambda v: v >= 1, "total_timesteps", "log_every", "checkpoint_every", "action_repeat",
+            "resolution", "steps_per_epoch", "vocab_size", "embed_dim", "z_channels", "channels", "res_blocks",
+            "tokenizer_batch", "max_blocks", "layers", "heads", "embed", "world_model_batch", "actor_critic_batch")
+    require(args, "≥ 2", lambda v: v >= 2, "horizon")
+    require(args, f"a multiple of --heads ({args.heads})", lambda v: v % max(args.heads, 1) == 0, "embed")
+    require(args, "≥ 0 (0: off)", lambda v: v >= 0, "eval_episodes", "video_every")
+    require(args, "≥ 0", lambda v: v >= 0, "seed", "final_epochs", "tokenizer_start", "world_model_start",
+            "actor_critic_start", "tokenizer_updates", "world_model_updates", "actor_critic_updates", "burn_in",
+            "weight_decay", "entropy_weight")
+    require(args, "> 0", lambda v: v > 0, "temperature", "eval_temperature", "learning_rate", "grad_clip")
+    require(args, "> 0 (or not given: --learning-rate)", lambda v: v is None or v > 0, "tokenizer_learning_rate",
+            "actor_critic_learning_rate")
+    require(args, "in [0, 1]", lambda v: 0 <= v <= 1, "epsilon", "lambda_")
+    require(args, "in [0, 1)", lambda v: 0 <= v < 1, "dropout", "attn_dropout")
+    require(args, "in (0, 1]", lambda v: 0 < v <= 1, "gamma")
+
+
 # Tokenizer: a VQ-VAE with the taming-transformers encoder/decoder (official src/models/tokenizer/nets.py)
 class GroupNorm(nn.GroupNorm):
     """nn.GroupNorm computed in its input's dtype. Under CPU bf16 autocast PyTorch runs group norm in fp32, and
@@ -338,10 +357,16 @@ class Decoder(nn.Module):
         return self.net(x)
 
 
-# Frames per conv pass of the tokenizer (without gradient, or per accumulated micro-batch). At the paper size one
-# 64×64×64 bf16 activation of 32 frames is 16 MiB: under glibc's largest mmap threshold (32 MiB), so freed
-# activations are reused; at 64 frames every activation was a fresh mmap, page-faulted in (decode 0.97 -> 0.67 s).
+# speed (CPU): frames per conv pass of the tokenizer on a CPU (without gradient, or per accumulated micro-batch). At
+# the paper size one 64×64×64 bf16 activation of 32 frames is 16 MiB: under glibc's largest mmap threshold (32 MiB),
+# so freed activations are reused; at 64 frames every activation was a fresh mmap, page-faulted in (decode 0.97 ->
+# 0.67 s). On CUDA the caching allocator has no such cost: a batch goes through in one pass.
 CHUNK = 32
+
+
+def frames_per_pass(x) -> int:
+    """speed (CPU): CHUNK frames per tokenizer pass on a CPU; the plain form, the whole batch at once, on CUDA."""
+    return CHUNK if x.device.type == "cpu" else max(1, len(x))
 
 
 # --codebook-restart: a code not picked in DEAD_AFTER tokenizer updates is dead; an encoder output is misfit when its
@@ -383,9 +408,9 @@ class Tokenizer(nn.Module):
         x = frames.reshape(-1, *frames.shape[-3:]).mul(2).sub(1)
         if torch.is_grad_enabled():  # NCHW: CPU GroupNorm backward on channels-last bf16 took 55% of the update
             z = self.pre_quant(self.encoder(x.contiguous()))
-        else:  # in chunks, channels-last: the same result, on a CPU 1.6× and 1.35× faster at the paper size
+        else:  # speed (CPU): in chunks, channels-last: the same result, on a CPU 1.6× and 1.35× faster at the paper size
             z = torch.cat([self.pre_quant(self.encoder(c.contiguous(memory_format=torch.channels_last)))
-                           for c in x.split(CHUNK)])
+                           for c in x.split(frames_per_pass(x))])
         tokens, z_q = self.quantize(z)
         return z, z_q, tokens.view(*lead, -1)
 
@@ -394,7 +419,7 @@ class Tokenizer(nn.Module):
         if torch.is_grad_enabled():
             return self.decoder(self.post_quant(z_q.contiguous()))
         return torch.cat([self.decoder(self.post_quant(c.contiguous(memory_format=torch.channels_last)))
-                          for c in z_q.split(CHUNK)])
+                          for c in z_q.split(frames_per_pass(z_q))])
 
     def decode_tokens(self, tokens):
         """tokens (..., K) -> frames in [0, 1] (..., C, H, W)."""
@@ -435,19 +460,20 @@ def tokenizer_loss(tokenizer: Tokenizer, frames, lpips=None) -> tuple[torch.Tens
 
 
 def tokenizer_update(tokenizer: Tokenizer, opt, frames, clip: float, autocast, lpips=None, check=lambda losses: None) -> dict:
-    """One tokenizer step on `frames`, forward/backward in micro-batches of CHUNK frames with the gradients of
-    their size-weighted losses summed: the gradient of the whole batch's mean loss, in one Adam step (on a CPU
-    1.6× faster at batch 256 than one pass; the official code has the same option as grad_acc_steps)."""
+    """One tokenizer step on `frames`. speed (CPU): forward/backward in micro-batches of CHUNK frames with the
+    gradients of their size-weighted losses summed: the gradient of the whole batch's mean loss, in one Adam step
+    (on a CPU 1.6× faster at batch 256 than one pass; the official code has the same option as grad_acc_steps). On
+    CUDA the batch is one micro-batch. Metrics are device tensors."""
     opt.zero_grad(set_to_none=True)
     sums = {}
-    for chunk in frames.split(CHUNK):
+    for chunk in frames.split(frames_per_pass(frames)):
         with autocast:
             loss, metrics = tokenizer_loss(tokenizer, chunk, lpips)
         check({"tokenizer_loss": loss})
         (loss * len(chunk) / len(frames)).backward()
         for k, v in {"loss": loss, **metrics}.items():
-            sums[k] = sums.get(k, 0.0) + float(v.detach()) * len(chunk) / len(frames)
-    sums["grad_norm"] = float(nn.utils.clip_grad_norm_(tokenizer.parameters(), clip))
+            sums[k] = sums.get(k, 0.0) + v.detach().float() * len(chunk) / len(frames)
+    sums["grad_norm"] = nn.utils.clip_grad_norm_(tokenizer.parameters(), clip)
     opt.step()
     return sums
 
@@ -524,6 +550,17 @@ def load_lpips(path: str, device) -> LPIPS:
 
 
 # World model: a GPT over blocks of K observation tokens + 1 action token (official world_model.py)
+def causal_attention(q, k, v, drop: float):
+    """softmax(q kᵀ/√d + causal mask) v, with dropout `drop` on the probabilities (q, k, v: (B, heads, N, d))."""
+    if drop > 0 and q.device.type == "cpu":
+        # speed (CPU): written out; PyTorch's CPU attention with dropout is unfused and upcasts to fp32 (most of an
+        # update). The plain form is the line below, which CUDA runs fused.
+        att = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)
+        causal = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+        return F.dropout(att.masked_fill(~causal, float("-inf")).softmax(-1), drop) @ v
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop)
+
+
 class SelfAttention(nn.Module):
     def __init__(self, args: Args):
         super().__init__()
@@ -536,13 +573,8 @@ class SelfAttention(nn.Module):
         b, n, e = x.shape
         q, k, v = (t.view(b, n, self.heads, e // self.heads).transpose(1, 2) for t in self.qkv(x).chunk(3, -1))
         drop = self.attn_drop if self.training else 0.0
-        if cache is None and drop > 0:  # a whole sequence in training: causal mask, dropout on the probabilities
-            # written out: PyTorch's CPU attention with dropout is unfused and upcasts to fp32 (most of an update)
-            att = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)
-            causal = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
-            out = F.dropout(att.masked_fill(~causal, float("-inf")).softmax(-1), drop) @ v
-        elif cache is None:  # a whole sequence: causal mask
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if cache is None:  # a whole sequence: causal mask, in training dropout on the probabilities
+            out = causal_attention(q, k, v, drop)
         else:  # n new tokens after cache["size"] cached ones: write their keys/values, attend to all so far
             past = cache["size"]
             if layer not in cache["k"]:
@@ -828,7 +860,7 @@ def to_frames(obs, resolution: int):
 
 
 def to_batch(data: dict, resolution: int, device) -> dict:
-    batch = {k: torch.as_tensor(v, device=device) for k, v in data.items()}
+    batch = to_device(data, device)
     batch["frames"] = to_frames(batch.pop("obs"), resolution)
     batch["action"] = batch["action"].long()
     return batch
@@ -918,6 +950,7 @@ def world_model_optimizer(wm: WorldModel, args: Args):
 
 # Training loop (Algorithm 1 of the paper: collect, then train tokenizer, world model, actor-critic, per epoch)
 def main(args: Args):
+    check_args(args)
     family = env_family(args.env_id)
     try:  # a bad env id or space stops here, before a run directory is made
         env = make_env(args.env_id, args.seed, pixels=True, action_repeat=args.action_repeat,
@@ -938,8 +971,6 @@ def main(args: Args):
     if height > args.resolution or width > args.resolution or args.resolution % 2 ** (len(args.ch_mult) - 1):
         raise SystemExit(f"--resolution {args.resolution} must hold {height}×{width} frames and be divisible by "
                          f"2^{len(args.ch_mult) - 1} (one halving per --ch-mult level after the first).")
-    if args.burn_in < 0 or args.horizon < 2:
-        raise SystemExit("--horizon must be at least 2 and --burn-in at least 0.")
     num_actions = env.action_space.n
     run_dir, resumed = open_run(args)
     if args.capture_video:
@@ -1032,12 +1063,15 @@ def main(args: Args):
             module = ac
         check_finite({f"{component}_loss": loss}, updates, save)
         metrics["grad_norm"] = optimizer_step(opts[component], loss, module, args.grad_clip)
-        return {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in metrics.items()}
+        return {k: v.detach() if torch.is_tensor(v) else v for k, v in metrics.items()}  # device tensors, read when logged
 
     obs, _ = env.reset(seed=args.seed + global_step)
     try:
         replay.add(obs=obs, action=np.int64(0), reward=0.0, terminated=False, truncated=False, is_first=True)
         while epoch <= total_epochs:
+            phase = "collect" + "".join(f"+{c}" for c in starts if epoch > starts[c])  # what this epoch trains
+            if phase != progress.phase:
+                progress.start_phase(phase, global_step)
             # 1. collect (official collector: ε-greedy on the sampled policy, its LSTM re-burnt-in each epoch)
             tokenizer.eval(), wm.eval(), ac.eval()
             agent.burn_in(list(recent))
@@ -1089,7 +1123,7 @@ def main(args: Args):
                 if done:
                     tag = "tokenizer" if component == "tokenizer" else "world_model" if component == "world_model" else "losses"
                     for k, v in sums.items():
-                        writer.add_scalar(f"{tag}/{k}", v / done, global_step)
+                        writer.add_scalar(f"{tag}/{k}", float(v) / done, global_step)
                     writer.add_scalar(f"perf/{component}_update_ms", 1000 * (time.perf_counter() - t0) / done, global_step)
                 if done and component == "tokenizer":  # the world model learns on these tokens: a changed one is a new word
                     with torch.no_grad():

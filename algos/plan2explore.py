@@ -50,8 +50,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common.envs import default_action_repeat, env_family, is_image_space, make_env  # noqa: E402
 from common.replay import Replay  # noqa: E402
 from common.run import (  # noqa: E402
-    Progress, add_video, check_finite, choose_device, load_checkpoint, make_writer, open_run, parse_args, save_checkpoint,
-    seed_everything,
+    Progress, add_video, check_finite, choose_device, load_checkpoint, make_writer, mean, open_run, parse_args,
+    require, save_checkpoint, seed_everything, to_device,
 )
 
 
@@ -69,11 +69,11 @@ class Args:
     total_timesteps: int = 1_000_000
     """environment steps (counting action repeat) of task-agnostic exploration"""
     task_updates: int = 1_000
-    """zero-shot phase: updates of the reward head and task actor-critic after exploration, no env steps"""
+    """zero-shot phase: updates of the reward head and task actor-critic after exploration, no env steps; 0: none"""
     adapt_steps: int = 0
-    """few-shot phase: environment steps collected by the task policy after the zero-shot evaluation"""
+    """few-shot phase: environment steps collected by the task policy after the zero-shot evaluation; 0: none"""
     cuda: bool = True
-    """use CUDA if available"""
+    """use CUDA if available (fp32 matmuls and convolutions then run in TF32: float32_matmul_precision high)"""
     torch_deterministic: bool = False
     """torch.backends.cudnn.deterministic and deterministic algorithms"""
     bf16: bool = False
@@ -85,11 +85,11 @@ class Args:
     resume: str | None = None
     """a run directory to continue (same env id); its episodes are reloaded from disk"""
     eval_episodes: int = 10
-    """greedy episodes of the task policy after the zero-shot phase (and after the few-shot phase)"""
+    """greedy episodes of the task policy after the zero-shot phase (and after the few-shot phase); 0: none"""
     log_every: int = 10_000
     """environment steps between progress lines and scalar logs"""
     video_every: int = 1_000
-    """updates between open-loop videos (media/openloop)"""
+    """updates between open-loop videos (media/openloop); 0: none"""
     checkpoint_every: int = 1_000
     """updates between checkpoints"""
 
@@ -181,6 +181,22 @@ PRESETS = {
 
 def default_preset(env_id: str) -> str:
     return "dmc" if env_family(env_id) == "dmc" else "small"
+
+
+def check_args(args: Args) -> None:
+    """Each numeric flag in its range, before a run directory is made or an env built (common/run.py require)."""
+    require(args, "≥ 1", lambda v: v >= 1, "total_timesteps", "log_every", "checkpoint_every", "replay_capacity",
+            "prefill", "pretrain", "train_every", "train_steps", "batch_size", "batch_length", "deter", "stoch",
+            "hidden", "units", "cnn_depth", "horizon")
+    require(args, "≥ 2 (disagreement is a variance over the ensemble)", lambda v: v >= 2, "ensemble_size")
+    require(args, "≥ 0 (0: off)", lambda v: v >= 0, "eval_episodes", "video_every", "task_updates", "adapt_steps")
+    require(args, "≥ 0 (0: the env family's default)", lambda v: v >= 0, "action_repeat")
+    require(args, "≥ 0 (0: the embedding size)", lambda v: v >= 0, "ensemble_units")
+    require(args, "≥ 0", lambda v: v >= 0, "seed", "min_std", "free_nats", "kl_scale", "expl_amount")
+    require(args, "> 0", lambda v: v > 0, "model_lr", "intrinsic_scale", "actor_lr", "value_lr", "action_init_std",
+            "action_mean_scale", "adam_eps", "grad_clip")
+    require(args, "in [0, 1]", lambda v: 0 <= v <= 1, "lambda_")
+    require(args, "in (0, 1]", lambda v: 0 < v <= 1, "gamma")
 
 
 # Networks
@@ -690,6 +706,7 @@ def openloop_video(wm: WorldModel, batch: dict, context: int = 5):
 
 # Training loop: exploration, zero-shot adaptation, few-shot adaptation
 def main(args: Args):
+    check_args(args)
     if args.action_repeat == 0:
         args.action_repeat = default_action_repeat(args.env_id)
     env_kwargs = dict(pixels=args.pixels, action_repeat=args.action_repeat)
@@ -700,8 +717,6 @@ def main(args: Args):
                              f"(the paper's DMC tasks).")
     except ValueError as e:
         raise SystemExit(str(e)) from None
-    if args.ensemble_size < 2:
-        raise SystemExit(f"--ensemble-size must be at least 2 (disagreement is a variance), not {args.ensemble_size}.")
     action_dim = env.action_space.shape[0]
     run_dir, resumed = open_run(args)
     if args.capture_video:
@@ -755,14 +770,14 @@ def main(args: Args):
     def log_metrics(metrics: dict, t0: float):
         counters["updates"] += 1
         for k, v in metrics.items():
-            metrics_log.setdefault(k, []).append(float(v))
+            metrics_log.setdefault(k, []).append(v)  # a device tensor, read when logged
         metrics_log.setdefault("train_step_ms", []).append(1000 * (time.perf_counter() - t0))
         if args.save_model and counters["updates"] % args.checkpoint_every == 0:
             save()
 
     def sample_batch():
         data = replay.sample(args.batch_size, args.batch_length)
-        return {k: torch.as_tensor(v, device=device) for k, v in data.items()}
+        return to_device(data, device)
 
     def update(explore: bool):
         t0 = time.perf_counter()
@@ -776,12 +791,14 @@ def main(args: Args):
         step = counters["global_step"]
         for k, v in metrics_log.items():
             tag = "perf" if k.endswith("_ms") else "world_model" if k in ("kl", "image_loss", "reward_loss") else "losses"
-            writer.add_scalar(f"{tag}/{k}", float(np.mean(v)), step)
+            writer.add_scalar(f"{tag}/{k}", mean(v), step)
         metrics_log.clear()
 
     agent = Agent(wm, action_dim, device)
     explore_end, adapt_end = args.total_timesteps, args.total_timesteps + args.adapt_steps
-    progress = Progress(adapt_end, counters["global_step"])
+    progress = Progress(adapt_end, counters["global_step"],
+                        "prefill" if counters["updates"] == 0 else "exploration" if counters["global_step"] < explore_end
+                        else "few-shot")
     zero_action = np.zeros(action_dim, np.float32)
     env_state = {"obs": None, "is_first": True}
 
@@ -794,8 +811,13 @@ def main(args: Args):
             env_state["is_first"] = True
             replay.add(obs=env_state["obs"], action=zero_action, reward=0.0, terminated=False, truncated=False,
                        is_first=True)
+        phase = "exploration" if explore else "few-shot"
+        if counters["updates"] > 0 and progress.phase != phase:
+            progress.start_phase(phase, counters["global_step"])
         while counters["global_step"] < until:
             if counters["global_step"] >= next_train:
+                if counters["updates"] == 0:
+                    progress.start_phase(phase, counters["global_step"])
                 for _ in range(args.pretrain if counters["updates"] == 0 else args.train_steps):
                     if stop:
                         raise KeyboardInterrupt
@@ -827,8 +849,8 @@ def main(args: Args):
                 next_log += args.log_every
                 flush_logs()
                 writer.add_scalar("charts/SPS", progress.sps(counters["global_step"]), counters["global_step"])
-                print(progress.line(counters["global_step"], counters["last_return"]),
-                      f"updates {counters['updates']}  phase {'exploration' if explore else 'few-shot'}", flush=True)
+                print(progress.line(counters["global_step"], counters["last_return"]), f"updates {counters['updates']}",
+                      flush=True)
 
     def run_eval(key: str) -> None:
         returns = evaluate(Agent(wm, action_dim, device), nets["task_actor"], args, args.eval_episodes)

@@ -46,8 +46,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common.envs import PLANET_ACTION_REPEAT, env_family, is_image_space, make_env  # noqa: E402
 from common.replay import Replay  # noqa: E402
 from common.run import (  # noqa: E402
-    Progress, add_video, check_finite, choose_device, load_checkpoint, make_writer, open_run, parse_args, save_checkpoint,
-    seed_everything,
+    Progress, add_video, check_finite, choose_device, load_checkpoint, make_writer, mean, open_run, parse_args,
+    require, save_checkpoint, seed_everything, to_device,
 )
 
 
@@ -65,7 +65,7 @@ class Args:
     total_timesteps: int = 1_000_000
     """environment steps (counting action repeat) to train for"""
     cuda: bool = True
-    """use CUDA if available"""
+    """use CUDA if available (fp32 matmuls and convolutions then run in TF32: float32_matmul_precision high)"""
     torch_deterministic: bool = False
     """torch.backends.cudnn.deterministic and deterministic algorithms"""
     bf16: bool = False
@@ -77,11 +77,11 @@ class Args:
     resume: str | None = None
     """a run directory to continue (same env id); its episodes are reloaded from disk"""
     eval_episodes: int = 10
-    """episodes planned without exploration noise at the end of training"""
+    """episodes planned without exploration noise at the end of training; 0: none"""
     log_every: int = 10_000
     """environment steps between progress lines and scalar logs"""
     video_every: int = 1_000
-    """updates between open-loop videos (media/openloop)"""
+    """updates between open-loop videos (media/openloop); 0: none"""
     checkpoint_every: int = 1_000
     """updates between checkpoints"""
 
@@ -155,6 +155,20 @@ PRESETS = {
 
 def default_preset(env_id: str) -> str:
     return "dmc" if env_family(env_id) == "dmc" else "small"
+
+
+def check_args(args: Args) -> None:
+    """Each numeric flag in its range, before a run directory is made or an env built (common/run.py require)."""
+    require(args, "≥ 1", lambda v: v >= 1, "total_timesteps", "log_every", "checkpoint_every", "replay_capacity",
+            "seed_episodes", "collect_interval", "batch_size", "batch_length", "deter", "stoch", "hidden", "cnn_depth",
+            "overshooting_distance", "planning_horizon", "candidates", "optimisation_iters")
+    require(args, f"in 1 … --candidates ({args.candidates})", lambda v: 1 <= v <= args.candidates, "top_candidates")
+    require(args, "in 1 … 8", lambda v: 1 <= v <= 8, "bit_depth")
+    require(args, "≥ 0 (0: off)", lambda v: v >= 0, "eval_episodes", "video_every")
+    require(args, "≥ 0 (0: PlaNet's per-domain table)", lambda v: v >= 0, "action_repeat")
+    require(args, "≥ 0", lambda v: v >= 0, "seed", "min_std", "free_nats", "kl_scale", "overshooting_kl_scale",
+            "action_noise")
+    require(args, "> 0", lambda v: v > 0, "model_lr", "adam_eps", "grad_clip")
 
 
 def planet_action_repeat(env_id: str) -> int:
@@ -510,6 +524,7 @@ def openloop_video(wm: WorldModel, batch: dict, context: int = 5):
 
 # Training loop (Algorithm 1 of the paper)
 def main(args: Args):
+    check_args(args)
     if args.action_repeat == 0:
         args.action_repeat = planet_action_repeat(args.env_id)
     try:  # a bad env id or space stops here, before a run directory is made
@@ -519,8 +534,6 @@ def main(args: Args):
                              f"actions (use dreamer_v1.py or dreamer_v2.py for discrete ones).")
     except ValueError as e:
         raise SystemExit(str(e)) from None
-    if not 0 < args.top_candidates <= args.candidates:
-        raise SystemExit(f"--top-candidates must be in 1 … candidates ({args.candidates}), not {args.top_candidates}.")
     action_dim = env.action_space.shape[0]
     run_dir, resumed = open_run(args)
     if args.capture_video:
@@ -561,7 +574,7 @@ def main(args: Args):
 
     planner = Planner(wm, action_dim, args, device)
     metrics_log: dict[str, list] = {}
-    progress = Progress(args.total_timesteps, global_step)
+    progress = Progress(args.total_timesteps, global_step, "seed" if updates == 0 else "train")
     next_log = (global_step // args.log_every + 1) * args.log_every
     zero_action = np.zeros(action_dim, np.float32)
     obs, _ = env.reset(seed=args.seed + global_step)
@@ -571,16 +584,18 @@ def main(args: Args):
         while global_step < args.total_timesteps:
             # Model fitting: C gradient steps before every episode once the S seed episodes are in
             if is_first and episodes >= args.seed_episodes:
+                if updates == 0:
+                    progress.start_phase("train", global_step)
                 for _ in range(args.collect_interval):
                     if stop:
                         raise KeyboardInterrupt
                     t0 = time.perf_counter()
                     data = replay.sample(args.batch_size, args.batch_length)
-                    batch = {k: torch.as_tensor(v, device=device) for k, v in data.items()}
+                    batch = to_device(data, device)
                     metrics = train_update(wm, opt, batch, args, updates, save)
                     updates += 1
                     for k, v in metrics.items():
-                        metrics_log.setdefault(k, []).append(float(v))
+                        metrics_log.setdefault(k, []).append(v)  # a device tensor, read when logged
                     metrics_log.setdefault("train_step_ms", []).append(1000 * (time.perf_counter() - t0))
                     if args.video_every and updates % args.video_every == 0 and wm.image:
                         add_video(writer, "media/openloop", openloop_video(wm, batch), global_step)
@@ -614,7 +629,7 @@ def main(args: Args):
                 next_log += args.log_every
                 for k, v in metrics_log.items():
                     tag = "perf" if k.endswith("_ms") else "world_model"
-                    writer.add_scalar(f"{tag}/{k}", float(np.mean(v)), global_step)
+                    writer.add_scalar(f"{tag}/{k}", mean(v), global_step)
                 metrics_log.clear()
                 writer.add_scalar("charts/SPS", progress.sps(global_step), global_step)
                 print(progress.line(global_step, last_return), f"updates {updates}  episodes {episodes}", flush=True)

@@ -48,8 +48,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common.envs import env_family, is_image_space, make_env  # noqa: E402
 from common.replay import Replay  # noqa: E402
 from common.run import (  # noqa: E402
-    Progress, check_finite, choose_device, load_checkpoint, make_writer, open_run, parse_args, save_checkpoint,
-    seed_everything,
+    Progress, check_finite, choose_device, load_checkpoint, make_writer, mean, open_run, parse_args, require,
+    save_checkpoint, seed_everything, to_device,
 )
 
 
@@ -67,7 +67,7 @@ class Args:
     total_timesteps: int = 500_000
     """environment steps (counting action repeat) to train for"""
     cuda: bool = True
-    """use CUDA if available"""
+    """use CUDA if available (fp32 matmuls and convolutions then run in TF32: float32_matmul_precision high)"""
     torch_deterministic: bool = False
     """torch.backends.cudnn.deterministic and deterministic algorithms"""
     bf16: bool = False
@@ -79,7 +79,7 @@ class Args:
     resume: str | None = None
     """a run directory to continue (same env id); its episodes are reloaded from disk"""
     eval_episodes: int = 10
-    """episodes planned greedily (the planner's mean, no noise) at the end of training"""
+    """episodes planned greedily (the planner's mean, no noise) at the end of training; 0: none"""
     log_every: int = 10_000
     """environment steps between progress lines and scalar logs"""
     checkpoint_every: int = 10_000
@@ -168,6 +168,22 @@ TDMPC_ACTION_REPEAT = {"cartpole": 8, "walker": 2, "humanoid": 2, "dog": 2}  # o
 
 def default_preset(env_id: str) -> str:
     return "dmc" if env_family(env_id) == "dmc" else "small"
+
+
+def check_args(args: Args) -> None:
+    """Each numeric flag in its range, before a run directory is made or an env built (common/run.py require)."""
+    require(args, "≥ 1", lambda v: v >= 1, "total_timesteps", "log_every", "checkpoint_every", "frame_stack",
+            "seed_steps", "batch_size", "latent_dim", "mlp_dim", "enc_dim", "num_channels", "horizon", "update_freq",
+            "iterations", "num_samples", "schedule_steps")
+    require(args, f"in 1 … --num-samples ({args.num_samples})", lambda v: 1 <= v <= args.num_samples, "num_elites")
+    require(args, "≥ 0 (0: off)", lambda v: v >= 0, "eval_episodes")
+    require(args, "≥ 0 (0: TD-MPC's table)", lambda v: v >= 0, "action_repeat")
+    require(args, "≥ 0 (0: every step of the run plus 1,000)", lambda v: v >= 0, "replay_capacity")
+    require(args, "≥ 0", lambda v: v >= 0, "seed", "per_alpha", "reward_coef", "value_coef", "consistency_coef",
+            "min_std")
+    require(args, "> 0", lambda v: v > 0, "lr", "grad_clip", "temperature", "std_init")
+    require(args, "in [0, 1]", lambda v: 0 <= v <= 1, "per_beta", "mixture_coef", "momentum")
+    require(args, "in (0, 1]", lambda v: 0 < v <= 1, "discount", "rho", "tau")
 
 
 def tdmpc_action_repeat(env_id: str) -> int:
@@ -350,9 +366,10 @@ def window_batch(rows: dict, device) -> dict:
         terminal :  -     d_0   d_1     d_{H-1}  terminated[t]: s_{t+1} is terminal
     Tensors are (H, B, ...) for the per-step quantities.
     """
-    t = lambda k: torch.as_tensor(rows[k][:, 1:], device=device).transpose(0, 1)  # noqa: E731
-    terminated = torch.as_tensor(rows["terminated"][:, 1:], device=device)
-    return dict(obs=torch.as_tensor(rows["obs"][:, 0], device=device), next_obs=t("obs"), action=t("action").float(),
+    rows = to_device({k: rows[k] for k in ("obs", "action", "reward", "terminated")}, device)
+    t = lambda k: rows[k][:, 1:].transpose(0, 1)  # noqa: E731
+    terminated = rows["terminated"][:, 1:]
+    return dict(obs=rows["obs"][:, 0], next_obs=t("obs"), action=t("action").float(),
                 reward=t("reward").float(), terminated=t("terminated").float(), alive=alive_mask(terminated).T)
 
 
@@ -572,6 +589,7 @@ def evaluate(planner: Planner, args: Args, episodes: int, step: int) -> list[flo
 
 # Training loop (Algorithm 1 of the paper)
 def main(args: Args):
+    check_args(args)
     if args.action_repeat == 0:
         args.action_repeat = tdmpc_action_repeat(args.env_id)
     try:  # a bad env id or space stops here, before a run directory is made
@@ -583,8 +601,6 @@ def main(args: Args):
                              f"(use dreamer_v2.py for discrete ones).")
     except ValueError as e:
         raise SystemExit(str(e)) from None
-    if not 0 < args.num_elites <= args.num_samples:
-        raise SystemExit(f"--num-elites must be in 1 … num-samples ({args.num_samples}), not {args.num_elites}.")
     action_dim = env.action_space.shape[0]
     run_dir, resumed = open_run(args)
     if args.capture_video:
@@ -645,14 +661,14 @@ def main(args: Args):
         windows.update(idx, priority)
         updates += 1
         for k, v in metrics.items():
-            metrics_log.setdefault(k, []).append(float(v))
+            metrics_log.setdefault(k, []).append(v)  # a device tensor, read when logged
         metrics_log.setdefault("train_step_ms", []).append(1000 * (time.perf_counter() - t0))
         if args.save_model and updates % args.checkpoint_every == 0:
             save()
 
     planner = Planner(model, action_dim, args, device)
     metrics_log: dict[str, list] = {}
-    progress = Progress(args.total_timesteps, global_step)
+    progress = Progress(args.total_timesteps, global_step, "seed" if updates == 0 else "train")
     next_log = (global_step // args.log_every + 1) * args.log_every
     zero_action = np.zeros(action_dim, np.float32)
     obs, _ = env.reset(seed=args.seed + global_step)
@@ -687,6 +703,8 @@ def main(args: Args):
             # Update: one per agent step once the seed steps are in, so the first call makes seed_steps
             # updates at once (the official burst) and a run stopped inside the burst finishes it on resume
             if agent_steps >= args.seed_steps:
+                if updates == 0:
+                    progress.start_phase("train", global_step)
                 while updates < agent_steps:
                     if stop:
                         raise KeyboardInterrupt
@@ -696,7 +714,7 @@ def main(args: Args):
                 next_log += args.log_every
                 for k, v in metrics_log.items():
                     tag = "perf" if k.endswith("_ms") else "losses"
-                    writer.add_scalar(f"{tag}/{k}", float(np.mean(v)), global_step)
+                    writer.add_scalar(f"{tag}/{k}", mean(v), global_step)
                 metrics_log.clear()
                 writer.add_scalar("charts/SPS", progress.sps(global_step), global_step)
                 writer.add_scalar("charts/planning_horizon", planner.horizon(agent_steps), global_step)

@@ -62,8 +62,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common.envs import make_env  # noqa: E402
 from common.replay import load_episode, save_episode  # noqa: E402
 from common.run import (  # noqa: E402
-    add_video, check_finite, choose_device, load_checkpoint, make_writer, open_run, parse_args, save_checkpoint,
-    seed_everything,
+    add_video, check_finite, choose_device, load_checkpoint, make_writer, open_run, parse_args, require,
+    save_checkpoint, seed_everything, to_device,
 )
 
 STAGES = ("data", "vae", "mdnrnn", "controller")
@@ -81,7 +81,7 @@ class Args:
     seed: int = 0
     """seed of python, numpy, torch, the rollouts and CMA-ES"""
     cuda: bool = True
-    """use CUDA for training V and M if available (rollouts always run on CPU workers)"""
+    """use CUDA for training V and M if available (in TF32 for fp32; rollouts always run on CPU workers)"""
     torch_deterministic: bool = False
     """torch.backends.cudnn.deterministic and deterministic algorithms"""
     bf16: bool = False
@@ -97,7 +97,7 @@ class Args:
     num_workers: int = 0
     """worker processes for rollouts; 0 = one per CPU core"""
     eval_episodes: int = 100
-    """real episodes the best controller is evaluated over at the end"""
+    """real episodes the best controller is evaluated over at the end; 0: none"""
     log_every: int = 100
     """V and M updates between scalar logs"""
     checkpoint_every: int = 500
@@ -168,6 +168,18 @@ PRESETS = {
 
 def default_preset(env_id: str) -> str:
     return "paper"
+
+
+def check_args(args: Args) -> None:
+    """Each numeric flag in its range, before a run directory is made or an env built (common/run.py require)."""
+    require(args, "≥ 1", lambda v: v >= 1, "log_every", "checkpoint_every", "num_rollouts", "max_episode_steps",
+            "z_size", "vae_batch_size", "vae_epochs", "vae_chunk_episodes", "rnn_size", "num_mixtures",
+            "rnn_batch_size", "rnn_seq_len", "rnn_steps", "rollouts_per_candidate", "generations")
+    require(args, "≥ 2 (CMA-ES ranks candidates)", lambda v: v >= 2, "population")
+    require(args, "≥ 0 (0: one per CPU core)", lambda v: v >= 0, "num_workers")
+    require(args, "≥ 0 (0: off)", lambda v: v >= 0, "eval_episodes")
+    require(args, "≥ 0", lambda v: v >= 0, "seed", "kl_tolerance")
+    require(args, "> 0", lambda v: v > 0, "brownian_dt", "vae_lr", "rnn_lr", "rnn_grad_clip", "temperature", "sigma0")
 
 
 # Networks
@@ -607,8 +619,7 @@ def stage_mdnrnn(args: Args, vae: VAE, rnn: MDNRNN, opt, state: dict, run_dir: s
     series = encode_episodes(vae, run_dir, device)
     rng = np.random.default_rng(args.seed + 3 + state["rnn_updates"])
     while state["rnn_updates"] < args.rnn_steps:
-        batch = {k: torch.as_tensor(v, device=device) for k, v in
-                 mdn_batch(series, args.rnn_batch_size, args.rnn_seq_len, rng).items()}
+        batch = to_device(mdn_batch(series, args.rnn_batch_size, args.rnn_seq_len, rng), device)
         metrics = mdn_update(rnn, opt, batch, args,
                              lambda loss: check_finite({"mdn_loss": loss}, state["rnn_updates"], save))
         state["rnn_updates"] += 1
@@ -691,6 +702,7 @@ def stage_controller(args: Args, vae: VAE, rnn: MDNRNN, state: dict, run_dir: st
 
 # Main: run the stages in order, skipping finished ones
 def main(args: Args):
+    check_args(args)
     if args.stage not in ("all", *STAGES):
         raise SystemExit(f"--stage must be one of all, {', '.join(STAGES)}; got '{args.stage}'.")
     try:  # a bad env id or space stops here, before a run directory is made

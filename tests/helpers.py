@@ -9,6 +9,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 ALGOS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "algos")
 sys.path.insert(0, ALGOS)
@@ -92,3 +93,26 @@ def kill_and_resume(path: str, args: list, cwd) -> tuple[str, dict, int]:
     assert out.returncode == 0, out.stdout + out.stderr
     assert f"{rows} replay rows reloaded" in out.stdout
     return run_dir, ckpt, episodes
+
+
+def stop_in_process(module, argv: list, cwd, monkeypatch, capsys) -> tuple[int, str]:
+    """Run a script's entry point, main(parse_args(Args, PRESETS, default_preset)), in this process on `argv`: it
+    must stop with SystemExit before any run directory is made (--resume's own checks run inside open_run and must
+    stop there). Returns (exit code, what the user was told: the SystemExit message or stderr). A bad input that
+    got through fails at once instead of starting a run, and no Traceback can pass: only SystemExit is caught."""
+    real_open_run = module.open_run
+
+    def open_run(args, *rest):
+        if args.resume:
+            real_open_run(args, *rest)
+        raise AssertionError(f"a run directory was about to be made for {argv}: the bad input got through")
+
+    monkeypatch.setattr(module, "open_run", open_run)
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", [module.__file__, *argv])
+    with pytest.raises(SystemExit) as stopped:
+        module.main(module.parse_args(module.Args, module.PRESETS, module.default_preset))
+    err = capsys.readouterr().err.strip()
+    assert not os.path.exists(os.path.join(cwd, "runs")) or not os.listdir(os.path.join(cwd, "runs"))
+    code = stopped.value.code
+    return (1, code) if isinstance(code, str) else (code, err)

@@ -1,13 +1,16 @@
 """IRIS: tokenizer, transformer and actor-critic math by hand, the replay-to-block alignment, and smoke runs."""
 
 import dataclasses
-import os
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
-from tests.helpers import check_resume_doubles_the_run, checkpoint, events, kill_and_resume, only_run_dir, run_script, script
+from tests.helpers import (
+    check_resume_doubles_the_run, checkpoint, events, kill_and_resume, only_run_dir, run_script, script,
+    stop_in_process,
+)
 import iris as I  # noqa: E402  (tests.helpers puts algos/ on the path)
 from common.replay import Replay  # noqa: E402
 
@@ -411,7 +414,7 @@ def test_kill_and_resume_loses_nothing(tmp_path):
     assert checkpoint(run_dir)["global_step"] == ckpt["global_step"] + 20
 
 
-def test_bad_inputs_get_one_sentence(tmp_path):
+def test_bad_inputs_get_one_sentence(tmp_path, monkeypatch, capsys):
     for extra, words in ((["--env-id", "CartPole-v1"], "no pixel observations"),
                          (["--env-id", "CarRacing-v3"], "needs a Discrete action space"),
                          (["--env-id", "MinAtar/Breakout-v1", "--resolution", "8"], "--resolution 8 must hold"),
@@ -419,6 +422,16 @@ def test_bad_inputs_get_one_sentence(tmp_path):
                          (["--env-id", "MinAtar/Breakout-v1", "--encoder", "vit"], "must be taming or patch"),
                          (["--env-id", "MinAtar/Breakout-v1", "--perceptual-weights", "w.pt"], "needs --reconstruction l1"),
                          (["--env-id", "MinAtar/Breakout-v1", "--resume", str(tmp_path / "nope")], "Cannot resume")):
-        out = run_script(SCRIPT, [*TINY, *extra], tmp_path)
-        assert out.returncode != 0 and words in out.stderr and "Traceback" not in out.stderr, out.stderr
-    assert not os.path.exists(tmp_path / "runs") or not os.listdir(tmp_path / "runs")
+        code, told = stop_in_process(I, [*TINY, *extra], tmp_path, monkeypatch, capsys)
+        assert code != 0 and words in told, told
+
+
+def test_causal_attention_with_dropout_has_the_plain_attention_as_its_mean():
+    # The CPU's written-out path (dropout on the probabilities, rescaled by 1/(1 - p)) and the fused call CUDA
+    # takes both average to causal attention without dropout; 4,000 independent draws along the batch axis.
+    q, k, v = (torch.randn(1, 2, 5, 4).expand(4000, -1, -1, -1) for _ in range(3))
+    plain = I.causal_attention(q[:1], k[:1], v[:1], 0.0)[0]
+    written_out = I.causal_attention(q, k, v, 0.5).mean(0)
+    fused = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=0.5).mean(0)
+    assert torch.allclose(written_out, plain, atol=0.08) and torch.allclose(fused, plain, atol=0.08)
+    assert not torch.allclose(I.causal_attention(q[:2], k[:2], v[:2], 0.5)[0], plain, atol=0.08)  # dropout is on
