@@ -264,11 +264,13 @@ def check_args(args: Args) -> None:
 
 # Tokenizer: a VQ-VAE with the taming-transformers encoder/decoder (official src/models/tokenizer/nets.py)
 class GroupNorm(nn.GroupNorm):
-    """nn.GroupNorm computed in its input's dtype. Under CPU bf16 autocast PyTorch runs group norm in fp32, and
-    casting every activation back and forth took a third of the tokenizer's time; statistics still accumulate
-    in fp32 inside the kernel."""
+    """speed (CPU): nn.GroupNorm computed in its input's dtype. Under CPU bf16 autocast PyTorch runs group norm in
+    fp32, and casting every activation back and forth took a third of the tokenizer's time; statistics still
+    accumulate in fp32 inside the kernel. The plain form, autocast's own fp32 group norm, runs on CUDA."""
 
     def forward(self, x):
+        if x.device.type != "cpu":
+            return super().forward(x)
         with torch.autocast(x.device.type, enabled=False):
             return F.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
 

@@ -244,7 +244,8 @@ class MDNRNN(nn.Module):
         Same model: a zero input adds nothing to the gates, and its weights get exactly zero gradient, so they stay
         at their initial 0. The reason is speed alone: on a CPU with AMX, oneDNN runs the forward of a bf16 LSTM
         whose input width is odd through a kernel without AMX; on one such CPU the M update went 9.5 → 7.6 ms
-        with the even width (benchmarks/RESULTS.md)."""
+        with the even width (benchmarks/RESULTS.md). It is part of the weights' shape, so it stays on CUDA too
+        (one inert input column of 36): gated by device, a checkpoint could not move between a CPU and a GPU."""
         return torch.cat([z, a, z.new_zeros(*z.shape[:-1], self.input_pad)], -1)  # width 0 when z + a is even
 
     def forward(self, z, a, state=None):

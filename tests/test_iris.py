@@ -435,3 +435,15 @@ def test_causal_attention_with_dropout_has_the_plain_attention_as_its_mean():
     fused = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=0.5).mean(0)
     assert torch.allclose(written_out, plain, atol=0.08) and torch.allclose(fused, plain, atol=0.08)
     assert not torch.allclose(I.causal_attention(q[:2], k[:2], v[:2], 0.5)[0], plain, atol=0.08)  # dropout is on
+
+
+def test_group_norm_in_the_input_dtype_matches_the_plain_group_norm():
+    # the CPU's bf16 group norm (no casts to fp32 and back) against autocast's own fp32 one, which CUDA runs
+    norm = I.norm(64)
+    norm.weight.data.normal_(), norm.bias.data.normal_()
+    x = torch.randn(2, 64, 8, 8) * 3 + 1
+    torch.testing.assert_close(norm(x), F.group_norm(x, 32, norm.weight, norm.bias, 1e-6))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast, plain = norm(x.bfloat16()), torch.nn.GroupNorm.forward(norm, x.bfloat16())
+    assert fast.dtype == torch.bfloat16
+    torch.testing.assert_close(fast.float(), plain.float(), atol=0.05, rtol=0.02)
