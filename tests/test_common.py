@@ -397,7 +397,7 @@ def faults():  # one 64 MiB tensor, over glibc's largest mmap threshold (32 MiB)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     torch.ones(64 * 2**20, dtype=torch.uint8)
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-print([faults() for _ in range(4)])
+print([faults() for _ in range(6)])
 """
 
 
@@ -413,4 +413,5 @@ def test_keep_freed_memory_lets_a_large_block_be_reused_without_page_faults():
             pytest.skip("the C library is not glibc")
         counts[keep] = ast.literal_eval(out.stdout.strip().splitlines()[-1])
     assert min(counts[False]) > 16_000, counts  # a fresh mapping every time: 64 MiB of 4 KiB pages
-    assert min(counts[True][2:]) < 100, counts  # the heap grows while the first ones run, then its holes are reused
+    # the heap grows while the first ones run (up to four, by where the first holes fall), then its holes are reused
+    assert max(counts[True][4:]) < 100, counts
