@@ -25,66 +25,80 @@ import torch  # noqa: E402
 from benchmarks.timing import cpu_seconds, parse, peak_rss_gib  # noqa: E402
 
 
-def main():
-    opt = parse("small", "PointMaze_UMaze-v3")
-    args = dataclasses.replace(D.Args(), preset=opt.preset, env_id=opt.env_id, **D.PRESETS[opt.preset])
+def operations(preset: str, env_id: str, bf16: bool, device="cpu") -> tuple[str, dict]:
+    """The script's encoder and predictor passes, training step and one CEM iteration at `preset` on `device`, random
+    frames and weights: (description, {name: fn(i)})."""
+    args = dataclasses.replace(D.Args(), preset=preset, env_id=env_id, **D.PRESETS[preset])
     proprio_dim, action_dim = 4, 2
     torch.manual_seed(0)
     patches = (args.image_size // 14) ** 2
-    wm = D.WorldModel(D.DinoV2(), proprio_dim, action_dim, patches, args)
+    wm = D.WorldModel(D.DinoV2(), proprio_dim, action_dim, patches, args).to(device)
     optim = torch.optim.AdamW(p for n, p in wm.named_parameters() if not n.startswith("encoder."))
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=opt.bf16)
+    autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)
     frames_needed = args.num_hist + 1
     a_dim = action_dim * args.frameskip
+    train_batch = 8 if preset == "paper" else args.batch_size
 
     def frames(n):
-        return torch.randint(0, 256, (n, 3, args.frame_size, args.frame_size), dtype=torch.uint8)
+        return torch.randint(0, 256, (n, 3, args.frame_size, args.frame_size), dtype=torch.uint8, device=device)
 
     def encoder_batch(_):
+        wm.eval()
         with torch.no_grad(), autocast:
             wm.encode_frames(frames(args.batch_size))
 
     def train_step(_):
-        b = 8 if opt.preset == "paper" else args.batch_size
+        wm.train()
+        b = train_batch
         with autocast:
             feats = wm.encode_frames(frames(b * frames_needed)).view(b, frames_needed, patches, -1)
-            z = wm.latent(feats, torch.randn(b, frames_needed, proprio_dim), torch.randn(b, frames_needed, a_dim))
+            z = wm.latent(feats, torch.randn(b, frames_needed, proprio_dim, device=device),
+                          torch.randn(b, frames_needed, a_dim, device=device))
             loss, _ = D.prediction_loss(wm, z)
         optim.zero_grad(set_to_none=True)
         loss.backward()
         optim.step()
 
     def predictor_batch(_):
-        z = torch.randn(args.batch_size, args.num_hist, patches, wm.predictor.pos_embedding.shape[-1])
+        wm.eval()
+        z = torch.randn(args.batch_size, args.num_hist, patches, wm.predictor.pos_embedding.shape[-1], device=device)
         with torch.no_grad(), autocast:
             wm.predictor(z)
 
     wm.eval()
     with torch.no_grad(), autocast:
-        z0 = wm.latent(wm.encode_frames(frames(1))[:, None], torch.randn(1, 1, proprio_dim), torch.zeros(1, 1, a_dim))
-        z_goal = wm.latent(wm.encode_frames(frames(1))[:, None], torch.randn(1, 1, proprio_dim), torch.zeros(1, 1, a_dim))[:, 0]
+        z0, z_goal = (wm.latent(wm.encode_frames(frames(1))[:, None], torch.randn(1, 1, proprio_dim, device=device),
+                                torch.zeros(1, 1, a_dim, device=device)) for _ in range(2))
+        z_goal = z_goal[:, 0]
 
     def cem_iteration(_):
+        wm.eval()
         with torch.no_grad(), autocast:
-            acts = torch.randn(args.samples, args.horizon, a_dim)
+            acts = torch.randn(args.samples, args.horizon, a_dim, device=device)
             cost = D.planning_cost(wm, D.rollout(wm, z0.expand(args.samples, -1, -1, -1), acts)[:, -1], z_goal, args.alpha)
             torch.topk(cost, args.elites, largest=False)
 
-    results = {"encoder, batch of %d frames" % args.batch_size: cpu_seconds(encoder_batch, opt.repeats + 1)[1:],
-               "predictor forward, batch of %d × %d frames" % (args.batch_size, args.num_hist): cpu_seconds(predictor_batch, opt.repeats + 1)[1:]}
-    wm.train()
-    results["training step, batch %d" % (8 if opt.preset == "paper" else args.batch_size)] = cpu_seconds(train_step, opt.repeats + 1)[1:]
-    wm.eval()
-    warm = 0 if opt.preset == "paper" else 1  # a paper-size iteration takes minutes: no warm-up call
-    results[f"CEM iteration ({args.samples} samples, horizon {args.horizon})"] = cpu_seconds(cem_iteration, opt.repeats + warm)[warm:]
     params = sum(p.numel() for p in wm.predictor.parameters()) / 1e6
-    print(f"preset {opt.preset}: frames {args.frame_size} px -> {args.image_size} px, {patches} patches of 384; predictor "
-          f"{args.depth} blocks × {args.heads} heads × {args.dim_head}, MLP {args.mlp_dim}, {params:.1f}M parameters, history "
-          f"{args.num_hist}; threads {opt.threads}, bf16 {opt.bf16}")
+    desc = (f"preset {preset}: frames {args.frame_size} px -> {args.image_size} px, {patches} patches of 384; predictor "
+            f"{args.depth} blocks × {args.heads} heads × {args.dim_head}, MLP {args.mlp_dim}, {params:.1f}M parameters, "
+            f"history {args.num_hist}")
+    return desc, {f"encoder, batch of {args.batch_size} frames": encoder_batch,
+                  f"predictor forward, batch of {args.batch_size} × {args.num_hist} frames": predictor_batch,
+                  f"training step, batch {train_batch}": train_step,
+                  f"CEM iteration ({args.samples} samples, horizon {args.horizon})": cem_iteration}
+
+
+def main():
+    opt = parse("small", "PointMaze_UMaze-v3")
+    desc, ops = operations(opt.preset, opt.env_id, opt.bf16)
+    results = {}
+    for name, fn in ops.items():
+        warm = 0 if opt.preset == "paper" and name.startswith("CEM") else 1  # a paper-size iteration takes minutes
+        results[name] = cpu_seconds(fn, opt.repeats + warm)[warm:]
+    print(f"{desc}; threads {opt.threads}, bf16 {opt.bf16}")
     for name, ts in results.items():
         print(f"{name}: median {np.median(ts):.3f} s CPU (runs: {', '.join(f'{x:.3f}' for x in ts)})")
     print(f"peak RSS {peak_rss_gib():.2f} GiB")
-
 
 if __name__ == "__main__":
     main()

@@ -24,35 +24,39 @@ from benchmarks.timing import cpu_seconds, parse, peak_rss_gib, random_batch  # 
 from common.envs import make_env  # noqa: E402
 
 
-def main():
-    opt = parse("atari", "ALE/Pong-v5")
-    args = dataclasses.replace(d.Args(), preset=opt.preset, env_id=opt.env_id, bf16=opt.bf16, **d.PRESETS[opt.preset])
-    env = make_env(opt.env_id, 0, grayscale=args.grayscale and opt.env_id.startswith("ALE/"))
+def operations(preset: str, env_id: str, bf16: bool, device="cpu") -> tuple[str, dict]:
+    """The script's update and acting step at `preset` on `device`, on random data: (description, {name: fn(i)})."""
+    args = dataclasses.replace(d.Args(), preset=preset, env_id=env_id, bf16=bf16, **d.PRESETS[preset])
+    env = make_env(env_id, 0, grayscale=args.grayscale and env_id.startswith("ALE/"))
     discrete = hasattr(env.action_space, "n")
     action_dim = env.action_space.n if discrete else env.action_space.shape[0]
     torch.manual_seed(0)
-    wm = d.WorldModel(env.observation_space, action_dim, args)
-    actor = d.Actor(wm.feat_dim, action_dim, discrete, args.mlp_layers, args.mlp_units)
-    critic = d.mlp(wm.feat_dim, 1, args.mlp_layers, args.mlp_units)
-    target = d.mlp(wm.feat_dim, 1, args.mlp_layers, args.mlp_units)
+    wm = d.WorldModel(env.observation_space, action_dim, args).to(device)
+    actor = d.Actor(wm.feat_dim, action_dim, discrete, args.mlp_layers, args.mlp_units).to(device)
+    critic = d.mlp(wm.feat_dim, 1, args.mlp_layers, args.mlp_units).to(device)
+    target = d.mlp(wm.feat_dim, 1, args.mlp_layers, args.mlp_units).to(device)
     opts = (torch.optim.Adam(wm.parameters(), args.model_lr, eps=args.adam_eps),
             torch.optim.Adam(actor.parameters(), args.actor_lr, eps=args.adam_eps),
             torch.optim.Adam(critic.parameters(), args.critic_lr, eps=args.adam_eps))
     B, T = args.batch_size, args.batch_length
-    shape = env.observation_space.shape
-    batch = random_batch(env.observation_space, action_dim, discrete, B, T)
-    times = cpu_seconds(lambda i: d.train_update(wm, actor, critic, target, opts, batch, args, discrete, i, lambda: ""),
-                        opt.repeats + 2)
-    agent = d.Agent(wm, actor, action_dim, "cpu")
+    batch = {k: v.to(device) for k, v in random_batch(env.observation_space, action_dim, discrete, B, T).items()}
+    agent = d.Agent(wm, actor, action_dim, torch.device(device))
     o, _ = env.reset(seed=0)
-    act = cpu_seconds(lambda i: agent.act(o, i == 0, greedy=False), 50)
-    rss = peak_rss_gib()
     params = sum(p.numel() for m in (wm, actor, critic) for p in m.parameters())
-    print(f"preset {opt.preset}, {opt.env_id} obs {shape}, {action_dim} actions, batch {B}x{T}, deter {args.deter}, "
-          f"{args.stoch}x{args.classes} latents, {params / 1e6:.1f}M parameters, threads {opt.threads}, bf16 {opt.bf16}")
-    print(f"update: median {np.median(times[2:]):.3f} s CPU (runs: {', '.join(f'{x:.2f}' for x in times[2:])})")
-    print(f"act: median {1000 * np.median(act[5:]):.2f} ms CPU per agent step; peak RSS {rss:.2f} GiB")
+    desc = (f"preset {preset}, {env_id} obs {env.observation_space.shape}, {action_dim} actions, batch {B}x{T}, deter "
+            f"{args.deter}, {args.stoch}x{args.classes} latents, {params / 1e6:.1f}M parameters")
+    return desc, {"update": lambda i: d.train_update(wm, actor, critic, target, opts, batch, args, discrete, i, lambda: ""),
+                  "act": lambda i: agent.act(o, i == 0, greedy=False)}
 
+
+def main():
+    opt = parse("atari", "ALE/Pong-v5")
+    desc, ops = operations(opt.preset, opt.env_id, opt.bf16)
+    times = cpu_seconds(ops["update"], opt.repeats + 2)
+    act = cpu_seconds(ops["act"], 50)
+    print(f"{desc}, threads {opt.threads}, bf16 {opt.bf16}")
+    print(f"update: median {np.median(times[2:]):.3f} s CPU (runs: {', '.join(f'{x:.2f}' for x in times[2:])})")
+    print(f"act: median {1000 * np.median(act[5:]):.2f} ms CPU per agent step; peak RSS {peak_rss_gib():.2f} GiB")
 
 if __name__ == "__main__":
     main()

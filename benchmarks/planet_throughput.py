@@ -25,31 +25,36 @@ from benchmarks.timing import cpu_seconds, parse, peak_rss_gib, random_batch  # 
 from common.envs import make_env  # noqa: E402
 
 
-def main():
-    opt = parse("dmc", "dm_control/cheetah-run-v0")
-    args = dataclasses.replace(p.Args(), preset=opt.preset, env_id=opt.env_id, bf16=opt.bf16, **p.PRESETS[opt.preset])
-    env = make_env(opt.env_id, 0, action_repeat=p.planet_action_repeat(opt.env_id))
+def operations(preset: str, env_id: str, bf16: bool, device="cpu") -> tuple[str, dict]:
+    """The script's update and planned action at `preset` on `device`, on random data: (description, {name: fn(i)})."""
+    args = dataclasses.replace(p.Args(), preset=preset, env_id=env_id, bf16=bf16, **p.PRESETS[preset])
+    env = make_env(env_id, 0, action_repeat=p.planet_action_repeat(env_id))
     action_dim = env.action_space.shape[0]
     torch.manual_seed(0)
-    wm = p.WorldModel(env.observation_space, action_dim, args)
+    wm = p.WorldModel(env.observation_space, action_dim, args).to(device)
     opt_ = torch.optim.Adam(wm.parameters(), args.model_lr, eps=args.adam_eps)
     B, T = args.batch_size, args.batch_length
-    shape = env.observation_space.shape
-    batch = random_batch(env.observation_space, action_dim, False, B, T)
-    times = cpu_seconds(lambda i: p.train_update(wm, opt_, batch, args, i, lambda: ""), opt.repeats + 2)
-    planner = p.Planner(wm, action_dim, args, torch.device("cpu"))
+    batch = {k: v.to(device) for k, v in random_batch(env.observation_space, action_dim, False, B, T).items()}
+    planner = p.Planner(wm, action_dim, args, torch.device(device))
     o, _ = env.reset(seed=0)
-    plan = cpu_seconds(lambda i: planner.act(o, i == 0, explore=True), opt.repeats + 2)
-    rss = peak_rss_gib()
     params = sum(x.numel() for x in wm.parameters())
-    print(f"preset {opt.preset}, {opt.env_id} obs {shape}, {action_dim}-dim actions, batch {B}x{T}, deter {args.deter}, "
-          f"stoch {args.stoch}, hidden {args.hidden}, CNN depth {args.cnn_depth}, {params / 1e6:.2f}M parameters, "
-          f"threads {opt.threads}, bf16 {opt.bf16}")
-    print(f"update: median {np.median(times[2:]):.3f} s CPU (runs: {', '.join(f'{x:.2f}' for x in times[2:])})")
-    print(f"planned action (H {args.planning_horizon}, J {args.candidates}, K {args.top_candidates}, "
-          f"I {args.optimisation_iters}): median {np.median(plan[2:]):.3f} s CPU "
-          f"(runs: {', '.join(f'{x:.3f}' for x in plan[2:])}); peak RSS {rss:.2f} GiB")
+    desc = (f"preset {preset}, {env_id} obs {env.observation_space.shape}, {action_dim}-dim actions, batch {B}x{T}, "
+            f"deter {args.deter}, stoch {args.stoch}, hidden {args.hidden}, CNN depth {args.cnn_depth}, "
+            f"{params / 1e6:.2f}M parameters; planner H {args.planning_horizon}, J {args.candidates}, "
+            f"K {args.top_candidates}, I {args.optimisation_iters}")
+    return desc, {"update": lambda i: p.train_update(wm, opt_, batch, args, i, lambda: ""),
+                  "planned action": lambda i: planner.act(o, i == 0, explore=True)}
 
+
+def main():
+    opt = parse("dmc", "dm_control/cheetah-run-v0")
+    desc, ops = operations(opt.preset, opt.env_id, opt.bf16)
+    times = cpu_seconds(ops["update"], opt.repeats + 2)
+    plan = cpu_seconds(ops["planned action"], opt.repeats + 2)
+    print(f"{desc}, threads {opt.threads}, bf16 {opt.bf16}")
+    print(f"update: median {np.median(times[2:]):.3f} s CPU (runs: {', '.join(f'{x:.2f}' for x in times[2:])})")
+    print(f"planned action: median {np.median(plan[2:]):.3f} s CPU "
+          f"(runs: {', '.join(f'{x:.3f}' for x in plan[2:])}); peak RSS {peak_rss_gib():.2f} GiB")
 
 if __name__ == "__main__":
     main()

@@ -26,50 +26,57 @@ from benchmarks.timing import cpu_seconds, parse, peak_rss_gib  # noqa: E402
 from common.replay import Replay  # noqa: E402
 
 
-def main():
-    opt = parse("dmc", "dm_control/cheetah-run-v0")
-    args = dataclasses.replace(td.Args(), preset=opt.preset, env_id=opt.env_id, bf16=opt.bf16, **td.PRESETS[opt.preset])
-    args.action_repeat = td.tdmpc_action_repeat(opt.env_id)
+def operations(preset: str, env_id: str, bf16: bool, device="cpu", rows: int = 100_000) -> tuple[str, dict]:
+    """The script's update (with its PER sampling), the sampling alone, and the warm-started planned action at `preset`
+    on `device`, over a replay of `rows` random rows: (description, {name: fn(i)})."""
+    args = dataclasses.replace(td.Args(), preset=preset, env_id=env_id, bf16=bf16, **td.PRESETS[preset])
+    args.action_repeat = td.tdmpc_action_repeat(env_id)
     env = td.make_tdmpc_env(args, 0)
     space, action_dim = env.observation_space, env.action_space.shape[0]
     torch.manual_seed(0)
-    model = td.TOLD(space, action_dim, args)
-    target = td.TOLD(space, action_dim, args).requires_grad_(False)
+    model = td.TOLD(space, action_dim, args).to(device)
+    target = td.TOLD(space, action_dim, args).requires_grad_(False).to(device)
     target.load_state_dict(model.state_dict())
     opt_, pi_opt = torch.optim.Adam(model.parameters(), args.lr), torch.optim.Adam(model.pi.parameters(), args.lr)
 
-    # a replay of 100,000 rows in 100 episodes of random data, as the planner would have filled it
+    # random data in episodes of 1,000 rows, as the planner would have filled the replay
     rng = np.random.default_rng(0)
-    replay = Replay(100_000, None, seed=0)
+    replay = Replay(rows, None, seed=0)
     windows = td.PrioritizedWindows(replay, args.horizon, args.per_alpha, args.per_beta)
-    for i in range(100_000):
+    for i in range(rows):
         obs = rng.integers(0, 256, space.shape, np.uint8) if space.dtype == np.uint8 else rng.standard_normal(space.shape, np.float32)
         windows.add(obs=obs, action=rng.uniform(-1, 1, action_dim).astype(np.float32), reward=float(rng.standard_normal()),
                     terminated=False, truncated=i % 1000 == 999, is_first=i % 1000 == 0)
 
     def one_update(i):
-        rows, idx, weights = windows.sample(args.batch_size)
-        batch = td.window_batch(rows, "cpu")
-        priority, _ = td.update(model, target, opt_, pi_opt, batch, torch.as_tensor(weights), args, i, lambda: "")
+        sampled, idx, weights = windows.sample(args.batch_size)
+        batch = td.window_batch(sampled, device)
+        priority, _ = td.update(model, target, opt_, pi_opt, batch, torch.as_tensor(weights, device=device), args, i,
+                                lambda: "")
         windows.update(idx, priority)
 
-    times = cpu_seconds(one_update, opt.repeats + 2)
-    sample = cpu_seconds(lambda i: windows.sample(args.batch_size), opt.repeats + 2)
-    planner = td.Planner(model, action_dim, args, torch.device("cpu"))
+    planner = td.Planner(model, action_dim, args, torch.device(device))
     o, _ = env.reset(seed=0)
     step = args.schedule_steps  # the full horizon and the final std floor
-    plan = cpu_seconds(lambda i: planner.act(o, i == 0, explore=True, step=step), opt.repeats + 3)
-    rss = peak_rss_gib()
     params = sum(x.numel() for x in model.parameters())
-    print(f"preset {opt.preset}, {opt.env_id} obs {space.shape}, {action_dim}-dim actions, batch {args.batch_size}, "
-          f"H {args.horizon}, latent {args.latent_dim}, mlp {args.mlp_dim}, {params / 1e6:.2f}M parameters, "
-          f"threads {opt.threads}, bf16 {opt.bf16}")
+    desc = (f"preset {preset}, {env_id} obs {space.shape}, {action_dim}-dim actions, batch {args.batch_size}, "
+            f"H {args.horizon}, latent {args.latent_dim}, mlp {args.mlp_dim}, {params / 1e6:.2f}M parameters; planner "
+            f"samples {args.num_samples}, elites {args.num_elites}, iterations {args.iterations}, H {planner.horizon(step)}")
+    return desc, {"update": one_update, "PER sampling": lambda i: windows.sample(args.batch_size),
+                  "planned action": lambda i: planner.act(o, i == 0, explore=True, step=step)}
+
+
+def main():
+    opt = parse("dmc", "dm_control/cheetah-run-v0")
+    desc, ops = operations(opt.preset, opt.env_id, opt.bf16)
+    times = cpu_seconds(ops["update"], opt.repeats + 2)
+    sample = cpu_seconds(ops["PER sampling"], opt.repeats + 2)
+    plan = cpu_seconds(ops["planned action"], opt.repeats + 3)
+    print(f"{desc}, threads {opt.threads}, bf16 {opt.bf16}")
     print(f"update (incl. PER sampling over 100k rows): median {1000 * np.median(times[2:]):.0f} ms CPU "
           f"(runs: {', '.join(f'{1000 * x:.0f}' for x in times[2:])}); of which sampling {1000 * np.median(sample[2:]):.1f} ms")
-    print(f"planned action, warm-started (samples {args.num_samples}, elites {args.num_elites}, iterations "
-          f"{args.iterations}, H {planner.horizon(step)}): median {1000 * np.median(plan[3:]):.0f} ms CPU "
-          f"(runs: {', '.join(f'{1000 * x:.0f}' for x in plan[3:])}); peak RSS {rss:.2f} GiB")
-
+    print(f"planned action, warm-started: median {1000 * np.median(plan[3:]):.0f} ms CPU "
+          f"(runs: {', '.join(f'{1000 * x:.0f}' for x in plan[3:])}); peak RSS {peak_rss_gib():.2f} GiB")
 
 if __name__ == "__main__":
     main()

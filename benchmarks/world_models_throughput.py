@@ -34,6 +34,36 @@ from common.envs import make_env  # noqa: E402
 from common.run import keep_freed_memory  # noqa: E402
 
 
+def operations(bf16: bool, device="cpu") -> tuple[str, dict]:
+    """V's update, M's update and (on the CPU, where C acts) the controller's acting step on `device`, the paper's
+    sizes, random data: (description, {name: fn(i)}, (args, V, M, C's parameters) for the rollouts in main)."""
+    args = wm.Args(bf16=bf16)
+    torch.manual_seed(0)
+    vae = wm.VAE(args.z_size).to(device)
+    rnn = wm.MDNRNN(args.z_size, 3, args.rnn_size, args.num_mixtures).to(device)
+    vae_opt = torch.optim.Adam(vae.parameters(), args.vae_lr, fused=True)  # as the script builds them
+    rnn_opt = torch.optim.Adam(rnn.parameters(), args.rnn_lr, fused=True)
+    frames = torch.rand(100, 3, 64, 64, device=device)
+    T = 33
+    series = [dict(mu=np.random.randn(200, 32).astype(np.float32), logvar=np.full((200, 32), -2.0, np.float32),
+                   action=np.random.uniform(-1, 1, (200, 3)).astype(np.float32), reward=np.zeros(200, np.float32),
+                   terminated=np.zeros(200, bool)) for _ in range(4)]
+    batch = {k: torch.as_tensor(v, device=device) for k, v in wm.mdn_batch(series, 16, T - 1, np.random.default_rng(0)).items()}
+    params = np.random.default_rng(0).standard_normal(wm.controller_size(args.z_size, args.rnn_size)) * 0.1
+    obs = np.random.randint(0, 256, (3, 64, 64), np.uint8)
+    state = {"h": torch.zeros(1, args.rnn_size, device=device), "s": None}
+
+    def controller_step(_):  # the script's acting step, env excluded
+        _, state["h"], state["s"] = wm.controller_act(vae, rnn, params, obs, state["h"], state["s"])
+
+    desc = f"V batch 100 (64x64x3, z {args.z_size}); M batch 16 x 32, LSTM {args.rnn_size}, {args.num_mixtures} mixtures"
+    ops = {"V update": lambda i: wm.vae_update(vae, vae_opt, frames, args, lambda loss: None),
+           "M update": lambda i: wm.mdn_update(rnn, rnn_opt, batch, args, lambda loss: None)}
+    if torch.device(device).type == "cpu":  # C acts in the CPU rollout workers only
+        ops["controller step"] = controller_step
+    return desc, ops, (args, vae, rnn, params)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--repeats", type=int, default=5)
@@ -42,32 +72,8 @@ def main():
     opt = p.parse_args()
     torch.set_num_threads(1)
     keep_freed_memory()  # as the script does on a CPU
-    args = wm.Args(bf16=opt.bf16)
-    torch.manual_seed(0)
-
-    vae, rnn = wm.VAE(args.z_size), wm.MDNRNN(args.z_size, 3, args.rnn_size, args.num_mixtures)
-    vae_opt = torch.optim.Adam(vae.parameters(), args.vae_lr, fused=True)  # as the script builds them
-    rnn_opt = torch.optim.Adam(rnn.parameters(), args.rnn_lr, fused=True)
-    frames = torch.rand(100, 3, 64, 64)
-
-    def vae_update(_):
-        wm.vae_update(vae, vae_opt, frames, args, lambda loss: None)
-
-    T = 33
-    series = [dict(mu=np.random.randn(200, 32).astype(np.float32), logvar=np.full((200, 32), -2.0, np.float32),
-                   action=np.random.uniform(-1, 1, (200, 3)).astype(np.float32), reward=np.zeros(200, np.float32),
-                   terminated=np.zeros(200, bool)) for _ in range(4)]
-    batch = {k: torch.as_tensor(v) for k, v in wm.mdn_batch(series, 16, T - 1, np.random.default_rng(0)).items()}
-
-    def rnn_update(_):
-        wm.mdn_update(rnn, rnn_opt, batch, args, lambda loss: None)
-
-    params = np.random.default_rng(0).standard_normal(wm.controller_size(args.z_size, args.rnn_size)) * 0.1
-    obs = np.random.randint(0, 256, (3, 64, 64), np.uint8)
-    state = {"h": torch.zeros(1, args.rnn_size), "s": None}
-
-    def controller_step(_):  # the script's acting step, env excluded
-        _, state["h"], state["s"] = wm.controller_act(vae, rnn, params, obs, state["h"], state["s"])
+    _, ops, (args, vae, rnn, params) = operations(opt.bf16)
+    vae_update, rnn_update, controller_step = ops.values()
 
     vae_t = cpu_seconds(vae_update, opt.repeats + 2)[2:]
     rnn_t = cpu_seconds(rnn_update, opt.repeats * 10 + 2)[2:]
